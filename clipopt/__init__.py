@@ -1,0 +1,63 @@
+"""clipopt: gradient clipping for PyTorch that is correct, fast and tunable.
+
+Wrap the optimizer you already have; ``step()`` then clips first:
+
+    >>> import torch, clipopt
+    >>> model = torch.nn.Linear(3, 1)
+    >>> sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> opt = clipopt.ClippedOptimizer(sgd, "norm", max_norm=1.0)
+    >>> {"norm", "value"} <= set(clipopt.available_strategies())
+    True
+"""
+
+from __future__ import annotations
+
+import re as _re
+
+import torch as _torch
+
+#: The oldest torch release whose APIs clipopt uses (also pinned in pyproject.toml).
+MIN_TORCH = (2, 6)
+
+
+def _torch_version(version: str) -> tuple[int, int]:
+    match = _re.match(r"(\d+)\.(\d+)", version)
+    if match is None:  # pragma: no cover - torch always has a numeric version
+        raise ImportError(f"clipopt cannot read the torch version {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+if _torch_version(_torch.__version__) < MIN_TORCH:  # pragma: no cover
+    raise ImportError(
+        f"clipopt needs torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}, "
+        f"found {_torch.__version__}; upgrade torch"
+    )
+
+from . import functional  # noqa: E402
+from ._base import ClipInputs, ClipResult, ClipStats, ClipStrategy  # noqa: E402
+from ._optimizer import ClippedOptimizer, NonfinitePolicy  # noqa: E402
+from ._registry import (  # noqa: E402
+    available_strategies,
+    get_strategy,
+    register_strategy,
+)
+from ._strategies import NormClip, ValueClip  # noqa: E402
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "MIN_TORCH",
+    "ClipInputs",
+    "ClipResult",
+    "ClipStats",
+    "ClipStrategy",
+    "ClippedOptimizer",
+    "NonfinitePolicy",
+    "NormClip",
+    "ValueClip",
+    "__version__",
+    "available_strategies",
+    "functional",
+    "get_strategy",
+    "register_strategy",
+]

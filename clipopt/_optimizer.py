@@ -1,0 +1,538 @@
+"""``ClippedOptimizer``: any ``torch.optim`` optimizer, clipping gradients in ``step()``."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar, cast, overload
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from . import functional as F
+from ._base import ClipInputs, ClipStats, ClipStrategy
+from ._registry import get_strategy
+
+__all__ = ["ClippedOptimizer", "NonfinitePolicy"]
+
+NonfinitePolicy = Literal["skip", "error", "zero", "propagate"]
+_POLICIES: tuple[str, ...] = ("skip", "error", "zero", "propagate")
+
+#: Top-level key of ``state_dict()`` that holds clipopt's own state.
+STATE_KEY = "clipopt"
+_STATE_VERSION = 1
+_COUNTERS = ("steps", "skipped_steps", "clipped_steps", "nonfinite_steps")
+_H = TypeVar("_H", bound=Callable[..., Any])
+
+
+class _SkipStep(Exception):  # noqa: N818  (control flow, never escapes step())
+    """Raised inside a wrapped closure to abandon the inner step before it updates."""
+
+    def __init__(self, loss: Any) -> None:
+        super().__init__()
+        self.loss = loss
+
+
+def _closure_required(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` takes a closure with no default (LBFGS does)."""
+    try:
+        signature = inspect.signature(type(optimizer).step)
+    except (TypeError, ValueError):
+        return False
+    closure = signature.parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+class ClippedOptimizer(torch.optim.Optimizer):
+    """Wrap a ``torch.optim`` optimizer so that ``step()`` clips the gradients first.
+
+    The wrapper *is* a ``torch.optim.Optimizer``: LR schedulers, ``GradScaler``,
+    checkpointing and frameworks that check ``isinstance`` accept it. Its
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's very objects,
+    also after ``load_state_dict`` on either of them.
+
+    ``step()`` collects the gradients of every parameter group, lets the strategy measure
+    them (e.g. their total norm), applies the non-finite policy, clips in place, and
+    calls the wrapped optimizer's ``step()``. With a closure, clipping happens after
+    every evaluation of the closure, so closure-driven optimizers such as LBFGS see
+    clipped gradients.
+
+    Non-finite gradients (a NaN or infinite entry, or a norm that overflows) are handled
+    by ``nonfinite``:
+
+    - ``"skip"`` (default): the parameters, the wrapped optimizer's state and the
+      strategy's state stay untouched and the step counts as skipped. Deciding this
+      needs one host read of a 0-dim tensor per step.
+    - ``"error"``: raise ``RuntimeError`` and change nothing (also one host read).
+    - ``"zero"``: set the non-finite entries to 0, then clip and step. No host read.
+    - ``"propagate"``: torch's behaviour (non-finite values reach the update). No host
+      read; the strategy's state still never ingests a non-finite statistic.
+
+    Args:
+        optimizer: The optimizer to wrap, an instance of ``torch.optim.Optimizer``.
+        strategy: A registered strategy name (see :func:`clipopt.available_strategies`)
+            or a :class:`clipopt.ClipStrategy` instance.
+        nonfinite: The policy for non-finite gradients, one of ``"skip"``, ``"error"``,
+            ``"zero"`` and ``"propagate"``.
+        **strategy_kwargs: The strategy's parameters, when ``strategy`` is a name.
+
+    Attributes:
+        optimizer: The wrapped optimizer.
+        strategy: The clipping strategy.
+        nonfinite: The non-finite policy.
+        last_stats: :class:`clipopt.ClipStats` of the last step that had gradients, or
+            None before that.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer or is already a
+            ``ClippedOptimizer``; ``strategy`` is neither a name nor a strategy; keyword
+            arguments the strategy does not accept.
+        ValueError: Unknown strategy name, unknown ``nonfinite`` policy, or an invalid
+            strategy parameter.
+
+    Example:
+        >>> import torch, clipopt
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = clipopt.ClippedOptimizer(
+        ...     torch.optim.AdamW(model.parameters(), lr=1e-3), "norm", max_norm=1.0)
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
+        >>> loss.backward()
+        >>> opt.step()
+        >>> opt.last_stats.norm > 0
+        tensor(True)
+        >>> opt.param_groups is opt.optimizer.param_groups
+        True
+    """
+
+    optimizer: torch.optim.Optimizer
+    strategy: ClipStrategy
+    nonfinite: NonfinitePolicy
+    last_stats: ClipStats | None
+    _steps: int
+    _skipped_steps: int
+    _clipped_steps: Tensor
+    _nonfinite_steps: Tensor
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        strategy: str | ClipStrategy = "norm",
+        *,
+        nonfinite: NonfinitePolicy = "skip",
+        **strategy_kwargs: Any,
+    ) -> None:
+        if isinstance(optimizer, ClippedOptimizer):
+            raise TypeError(
+                "optimizer is already a ClippedOptimizer; wrap the inner optimizer once "
+                "(use clipopt.Chain to combine strategies)"
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(strategy, str):
+            strategy = get_strategy(strategy, **strategy_kwargs)
+        elif isinstance(strategy, ClipStrategy):
+            if strategy_kwargs:
+                raise TypeError(
+                    "strategy keyword arguments "
+                    f"({', '.join(sorted(strategy_kwargs))}) are only accepted with a "
+                    f"strategy name, got the strategy object {strategy!r}"
+                )
+        else:
+            raise TypeError(
+                "strategy must be a registered name or a clipopt.ClipStrategy, "
+                f"got {strategy!r}"
+            )
+        if not isinstance(nonfinite, str) or nonfinite not in _POLICIES:
+            raise ValueError(
+                f"nonfinite must be one of {', '.join(map(repr, _POLICIES))}, "
+                f"got {nonfinite!r}"
+            )
+        self.optimizer = optimizer
+        self.strategy = strategy
+        self.nonfinite = nonfinite
+        self.last_stats = None
+        self._closure_required = _closure_required(optimizer)
+        self._reset_counters()
+        # Optimizer.__init__ would rebuild param_groups and state through the properties
+        # below and wipe the wrapped optimizer's state. __setstate__ is torch's own way
+        # to finish an optimizer restored from a pickle: it creates the hook registries
+        # and patches step() (ours is marked hooked, so hooks are not run twice).
+        super().__setstate__({})
+
+    # -- shared containers ---------------------------------------------------------------
+    # Properties with setters, not aliases: Optimizer.load_state_dict rebinds these
+    # attributes, and an alias would then point at stale objects (NVIDIA/apex#766).
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's ``param_groups`` (the same list object)."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        """The wrapped optimizer's ``state`` (the same dict object)."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The wrapped optimizer's ``defaults`` (the same dict object)."""
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    # -- stepping ------------------------------------------------------------------------
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Clip the gradients, then step the wrapped optimizer.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss; clipping runs after
+                every evaluation.
+
+        Returns:
+            The closure's loss, or None without a closure.
+        """
+        if closure is None:
+            if self._clip():
+                self.optimizer.step()
+            return None
+        return self._step_with_closure(closure)
+
+    # Step hooks registered on the wrapper are forwarded to the wrapped optimizer, whose
+    # patched step() runs them (and the global hooks) exactly once per step.
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def _step_with_closure(self, closure: Callable[[], float]) -> float:
+        evaluations = 0
+        snapshot = (
+            self._snapshot()
+            if self._closure_required and self.nonfinite == "skip"
+            else None
+        )
+
+        def clipped_closure() -> float:
+            nonlocal evaluations
+            with torch.enable_grad():
+                loss = closure()
+            evaluations += 1
+            if not self._clip():
+                raise _SkipStep(loss)
+            return loss
+
+        try:
+            return self.optimizer.step(clipped_closure)
+        except _SkipStep as skip:
+            # torch.optim optimizers evaluate the closure before changing anything, so
+            # abandoning at the first evaluation loses nothing; later evaluations (LBFGS
+            # line search) follow updates, which the snapshot undoes.
+            if evaluations > 1:
+                if snapshot is None:
+                    raise RuntimeError(
+                        f"non-finite gradients at closure evaluation {evaluations} of "
+                        f"{type(self.optimizer).__name__}.step(), after it had already "
+                        "updated the parameters; use nonfinite='zero' or 'propagate' "
+                        "with this optimizer"
+                    ) from None
+                self._restore(snapshot)
+            return cast(float, skip.loss)
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "params": [p.detach().clone() for g in self.param_groups for p in g["params"]],
+            "state": {p: copy.deepcopy(s) for p, s in self.optimizer.state.items()},
+            "strategy": copy.deepcopy(self.strategy.state_dict()),
+            "counters": self._counters(),
+            "last_stats": self.last_stats,
+        }
+
+    @torch.no_grad()
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p, saved in zip(params, snapshot["params"], strict=True):
+            p.copy_(saved)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(snapshot["state"])
+        self.strategy.load_state_dict(snapshot["strategy"])
+        self._load_counters(snapshot["counters"])
+        self._skipped_steps += 1
+        self.last_stats = snapshot["last_stats"]
+
+    def _gradients(self) -> tuple[list[Tensor], list[Tensor]]:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        "clipopt does not support sparse gradients (a parameter of shape "
+                        f"{tuple(p.shape)} has one); clip them before a sparse optimizer"
+                    )
+                params.append(p)
+                grads.append(grad)
+        return params, grads
+
+    @torch.no_grad()
+    def _clip(self) -> bool:
+        """Clip in place; return False when the inner step must be skipped."""
+        params, grads = self._gradients()
+        if not grads:
+            return True
+        inputs = ClipInputs(params, grads, self._steps)
+        if self.nonfinite == "zero":
+            nonfinite = ~torch.isfinite(self.strategy.measure(inputs))
+            F.nonfinite_to_zero_(grads)
+            norm = self.strategy.measure(inputs)
+        else:
+            norm = self.strategy.measure(inputs)
+            nonfinite = ~torch.isfinite(norm)
+            # The one host read of the "skip" and "error" policies: whether to step at
+            # all is a Python decision.
+            if self.nonfinite in ("skip", "error") and bool(nonfinite):
+                if self.nonfinite == "error":
+                    raise RuntimeError(
+                        f"non-finite gradients: the pre-clip statistic of "
+                        f"{self.strategy!r} is {float(norm)}; nothing was changed "
+                        "(nonfinite='error')"
+                    )
+                self._skipped_steps += 1
+                self.last_stats = ClipStats(
+                    norm,
+                    torch.full_like(norm, math.nan),
+                    torch.zeros_like(norm),
+                    torch.zeros_like(nonfinite),
+                    nonfinite,
+                )
+                return False
+        result = self.strategy.clip_(inputs, norm)
+        self._steps += 1
+        device = norm.device
+        if self._clipped_steps.device != device:
+            self._clipped_steps = self._clipped_steps.to(device)
+            self._nonfinite_steps = self._nonfinite_steps.to(device)
+        self._clipped_steps += result.clipped
+        self._nonfinite_steps += nonfinite
+        self.last_stats = ClipStats(
+            norm, result.threshold, result.coef, result.clipped, nonfinite
+        )
+        return True
+
+    # -- counters ------------------------------------------------------------------------
+
+    def _reset_counters(self) -> None:
+        self._steps = 0
+        self._skipped_steps = 0
+        self._clipped_steps = torch.zeros((), dtype=torch.int64)
+        self._nonfinite_steps = torch.zeros((), dtype=torch.int64)
+
+    def _counters(self) -> dict[str, int | Tensor]:
+        return {
+            "steps": self._steps,
+            "skipped_steps": self._skipped_steps,
+            "clipped_steps": self._clipped_steps.clone(),
+            "nonfinite_steps": self._nonfinite_steps.clone(),
+        }
+
+    def _load_counters(self, counters: Mapping[str, Any]) -> None:
+        self._steps = int(counters["steps"])
+        self._skipped_steps = int(counters["skipped_steps"])
+        self._clipped_steps = torch.as_tensor(counters["clipped_steps"]).clone()
+        self._nonfinite_steps = torch.as_tensor(counters["nonfinite_steps"]).clone()
+
+    def counts(self) -> dict[str, int]:
+        """Return the running counts as plain ints (reads the device once).
+
+        ``steps`` counts the steps that clipped and stepped, ``skipped_steps`` those
+        skipped for non-finite gradients, ``clipped_steps`` those where clipping changed
+        the gradients and ``nonfinite_steps`` those whose gradients were non-finite
+        (skipped or not). The clip rate is ``clipped_steps / steps``. The counts are
+        saved in ``state_dict()``, so they survive a resume.
+        """
+        device_counts = torch.stack(
+            [self._clipped_steps, self._nonfinite_steps.to(self._clipped_steps.device)]
+        ).tolist()
+        return {
+            "steps": self._steps,
+            "skipped_steps": self._skipped_steps,
+            "clipped_steps": int(device_counts[0]),
+            "nonfinite_steps": int(device_counts[1]),
+        }
+
+    # -- delegation ----------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients, as the wrapped optimizer's ``zero_grad`` does."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the wrapped optimizer."""
+        self.optimizer.add_param_group(param_group)
+
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """Register a hook run before each step, on the wrapped optimizer.
+
+        The hook runs once per step and receives the wrapped optimizer as its first
+        argument. Without a closure it runs after clipping, so it sees clipped
+        gradients; with a closure it runs before the closure is evaluated, as it would
+        for the plain optimizer.
+        """
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """Register a hook run after each step, on the wrapped optimizer.
+
+        The hook receives the wrapped optimizer as its first argument.
+        """
+        return self.optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        """Register a ``state_dict`` pre-hook on the wrapped optimizer."""
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_state_dict_post_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        """Register a ``state_dict`` post-hook on the wrapped optimizer.
+
+        It sees the wrapped optimizer's state dict, before clipopt adds its own key.
+        """
+        return self.optimizer.register_state_dict_post_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_pre_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        """Register a ``load_state_dict`` pre-hook on the wrapped optimizer.
+
+        It sees the state dict without clipopt's own key.
+        """
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_post_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> RemovableHandle:
+        """Register a ``load_state_dict`` post-hook on the wrapped optimizer."""
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the wrapped optimizer's state dict plus clipopt's own key.
+
+        The extra top-level key ``"clipopt"`` holds the strategy's state and the running
+        counts, as tensors and plain numbers only, so
+        ``torch.load(path, weights_only=True)`` reads the checkpoint. A plain optimizer
+        of the wrapped class can load the result (it ignores the extra key).
+        """
+        state_dict = self.optimizer.state_dict()
+        state_dict[STATE_KEY] = {
+            "version": _STATE_VERSION,
+            "strategy": self.strategy.state_dict(),
+            **self._counters(),
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict`.
+
+        Everything is checked before anything changes. A plain state dict of the wrapped
+        optimizer (no ``"clipopt"`` key) loads too, with a warning, and the strategy's
+        state and the counts start fresh.
+
+        Raises:
+            TypeError: ``state_dict`` is not a mapping.
+            ValueError: clipopt's part does not fit this wrapper's strategy.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"state_dict must be a mapping, got {type(state_dict).__name__}"
+            )
+        inner = dict(state_dict)
+        own = inner.pop(STATE_KEY, None)
+        if own is None:
+            self.optimizer.load_state_dict(inner)
+            self.strategy.reset()
+            self._reset_counters()
+            self.last_stats = None
+            warnings.warn(
+                f"the state dict has no {STATE_KEY!r} entry (a plain "
+                f"{type(self.optimizer).__name__} state dict?); the clipping strategy "
+                "and the step counts start fresh",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        self._check_own_state(own)
+        self.optimizer.load_state_dict(inner)
+        self.strategy.load_state_dict(own["strategy"])
+        self._load_counters(own)
+        self.last_stats = None
+
+    def _check_own_state(self, own: Any) -> None:
+        if not isinstance(own, Mapping):
+            raise ValueError(
+                f"state_dict[{STATE_KEY!r}] must be a mapping, got {type(own).__name__}"
+            )
+        if own.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"state_dict[{STATE_KEY!r}] has version {own.get('version')!r}; this "
+                f"clipopt reads version {_STATE_VERSION}"
+            )
+        missing = [k for k in ("strategy", *_COUNTERS) if k not in own]
+        if missing:
+            raise ValueError(f"state_dict[{STATE_KEY!r}] lacks {', '.join(missing)}")
+        # Load into a copy first: a strategy that rejects the state then leaves this
+        # wrapper, and the wrapped optimizer, untouched.
+        copy.deepcopy(self.strategy).load_state_dict(own["strategy"])
+
+    # -- copying and printing ------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        keep = (
+            "optimizer",
+            "strategy",
+            "nonfinite",
+            "last_stats",
+            "_closure_required",
+            "_steps",
+            "_skipped_steps",
+            "_clipped_steps",
+            "_nonfinite_steps",
+        )
+        return {k: self.__dict__[k] for k in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        super().__setstate__({})
+
+    def __repr__(self) -> str:
+        inner = repr(self.optimizer).replace("\n", "\n    ")
+        return (
+            f"ClippedOptimizer(\n    strategy={self.strategy!r},\n"
+            f"    nonfinite={self.nonfinite!r},\n    optimizer={inner}\n)"
+        )

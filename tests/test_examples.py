@@ -1,0 +1,18 @@
+import importlib.util
+import pathlib
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_resumes_bitwise_and_clips():
+    result = _load("quickstart").main(steps=24, verbose=False)
+    assert result["resume_identical"] == 1.0
+    assert 0 < result["clip_rate"] <= 1
+    assert result["skipped_steps"] == 0

@@ -1,0 +1,168 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clipopt import functional as F
+
+NORM_TYPES = [0.5, 1.0, 1.5, 2.0, 4.0, math.inf]
+
+
+def _grads(dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (5,), (), (0,), (2, 3, 2)]
+    return [scale * torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("foreach", [None, False, True])
+def test_total_norm_equals_torch(dtype, norm_type, foreach):
+    grads = _grads(dtype)
+    if math.isinf(norm_type):  # torch raises on the zero-size tensor, clipopt does not
+        assert F.total_norm(grads, norm_type, foreach=foreach) == max(
+            g.abs().max() for g in grads if g.numel()
+        )
+        grads = [g for g in grads if g.numel()]
+    ours = F.total_norm(grads, norm_type, foreach=foreach)
+    ref = torch.nn.utils.get_total_norm(grads, norm_type, foreach=foreach)
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("max_norm", [0.3, 1e3])
+def test_norm_clip_pipeline_equals_clip_grad_norm(dtype, norm_type, foreach, max_norm):
+    shapes = _grads(dtype)
+    if math.isinf(norm_type):  # torch raises on zero-size tensors
+        shapes = [g for g in shapes if g.numel()]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in shapes]
+    ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in shapes]
+    values = [3.0 * g for g in shapes]
+    for p, r, g in zip(params, ref, values, strict=True):
+        p.grad, r.grad = g.clone(), g.clone()
+    grads = [p.grad for p in params]
+    norm = F.total_norm(grads, norm_type, foreach=foreach)
+    F.scale_(grads, F.clip_coef(norm, max_norm), foreach=foreach)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type, foreach=foreach)
+    assert torch.equal(norm, ref_norm)
+    for p, r in zip(params, ref, strict=True):
+        assert torch.equal(p.grad, r.grad)
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+def test_clamp_equals_clip_grad_value(foreach):
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in _grads(torch.float32)]
+    ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in _grads(torch.float32)]
+    for p, r, g in zip(params, ref, _grads(torch.float32, scale=2.0), strict=True):
+        p.grad, r.grad = g.clone(), g.clone()
+    F.clamp_([p.grad for p in params], 0.7, foreach=foreach)
+    torch.nn.utils.clip_grad_value_(ref, 0.7, foreach=foreach)
+    for p, r in zip(params, ref, strict=True):
+        assert torch.equal(p.grad, r.grad)
+
+
+def test_inf_norm_of_only_empty_tensors_is_zero():
+    assert F.total_norm([torch.empty(0), torch.empty(2, 0)], math.inf) == 0
+
+
+def test_total_norm_rejects_empty():
+    with pytest.raises(ValueError, match="tensors must not be empty"):
+        F.total_norm([])
+
+
+def test_nonfinite_makes_norm_nonfinite_for_every_norm_type():
+    for bad in (math.nan, math.inf, -math.inf):
+        for p in NORM_TYPES:
+            grads = [torch.tensor([1.0, bad]), torch.tensor([2.0])]
+            assert not torch.isfinite(F.total_norm(grads, p)), (bad, p)
+
+
+def test_nonfinite_to_zero():
+    t = torch.tensor([1.0, math.nan, math.inf, -math.inf, -2.0])
+    F.nonfinite_to_zero_([t])
+    assert torch.equal(t, torch.tensor([1.0, 0.0, 0.0, 0.0, -2.0]))
+
+
+def test_foreach_true_on_unsupported_device_raises():
+    with pytest.raises(RuntimeError, match="foreach=True"):
+        F.total_norm([torch.empty(2, device="meta")], foreach=True)
+
+
+# -- properties ------------------------------------------------------------------------
+
+shapes = st.lists(
+    st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=5
+)
+
+
+@st.composite
+def grad_lists(draw):
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([1e-4, 1e-2, 1.0, 10.0, 1e3]))
+    g = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(s, generator=g, dtype=torch.float64) for s in draw(shapes)]
+
+
+thresholds = st.floats(1e-3, 1e3)
+
+
+@given(grads=grad_lists(), max_norm=thresholds)
+def test_post_clip_norm_at_most_max_norm(grads, max_norm):
+    norm = F.total_norm(grads)
+    F.scale_(grads, F.clip_coef(norm, max_norm))
+    assert F.total_norm(grads) <= max_norm * (1 + 1e-6)
+
+
+@given(grads=grad_lists(), max_norm=thresholds)
+def test_direction_preserved(grads, max_norm):
+    before = torch.cat([g.flatten() for g in grads])
+    norm = F.total_norm(grads)
+    coef = F.clip_coef(norm, max_norm)
+    F.scale_(grads, coef)
+    after = torch.cat([g.flatten() for g in grads])
+    assert 0 < coef <= 1
+    torch.testing.assert_close(after, before * coef, rtol=0, atol=0)
+
+
+@given(grads=grad_lists())
+def test_noop_below_threshold(grads):
+    before = [g.clone() for g in grads]
+    norm = F.total_norm(grads)
+    F.scale_(grads, F.clip_coef(norm, float(norm) * 2 + 1e-3))
+    for a, b in zip(grads, before, strict=True):
+        assert torch.equal(a, b)
+
+
+@given(grads=grad_lists(), max_norm=thresholds)
+def test_norm_clip_idempotent(grads, max_norm):
+    F.scale_(grads, F.clip_coef(F.total_norm(grads), max_norm))
+    once = [g.clone() for g in grads]
+    F.scale_(grads, F.clip_coef(F.total_norm(grads), max_norm))
+    # Not bitwise: the 1e-6 added to the norm (as torch does) lets a second clip shave
+    # off at most about 1e-6 / max_norm more.
+    for a, b in zip(grads, once, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-6 / max_norm + 1e-12, atol=0)
+
+
+@given(grads=grad_lists(), clip_value=thresholds)
+def test_value_clip_bounds_and_idempotent(grads, clip_value):
+    F.clamp_(grads, clip_value)
+    assert all(g.abs().max() <= clip_value for g in grads if g.numel())
+    once = [g.clone() for g in grads]
+    F.clamp_(grads, clip_value)
+    for a, b in zip(grads, once, strict=True):
+        assert torch.equal(a, b)
+
+
+@given(shape=st.lists(st.integers(1, 4), max_size=3), max_norm=thresholds)
+def test_zero_stays_zero(shape, max_norm):
+    grads = [torch.zeros(shape), torch.zeros(3)]
+    norm = F.total_norm(grads)
+    F.scale_(grads, F.clip_coef(norm, max_norm))
+    F.clamp_(grads, max_norm)
+    assert norm == 0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)

@@ -1,0 +1,64 @@
+import inspect
+import pathlib
+import subprocess
+import sys
+
+import clipopt
+
+EXPECTED = {
+    "MIN_TORCH",
+    "ClipInputs",
+    "ClipResult",
+    "ClipStats",
+    "ClipStrategy",
+    "ClippedOptimizer",
+    "NonfinitePolicy",
+    "NormClip",
+    "ValueClip",
+    "__version__",
+    "available_strategies",
+    "functional",
+    "get_strategy",
+    "register_strategy",
+}
+DOCS = pathlib.Path(__file__).parent.parent / "docs"
+
+
+def test_all_is_pinned():
+    assert set(clipopt.__all__) == EXPECTED
+    for name in clipopt.__all__:
+        assert hasattr(clipopt, name)
+
+
+def test_every_public_symbol_has_a_docstring():
+    for name in clipopt.__all__:
+        obj = getattr(clipopt, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismodule(obj):
+            assert obj.__doc__, name
+            assert obj.__doc__.strip(), name
+            if inspect.isclass(obj):
+                for attr, member in vars(obj).items():
+                    if not attr.startswith("_") and callable(member):
+                        assert member.__doc__, f"{name}.{attr}"
+    for name in clipopt.functional.__all__:
+        assert getattr(clipopt.functional, name).__doc__, name
+
+
+def test_every_public_class_and_function_is_in_the_api_reference():
+    api = (DOCS / "api.md").read_text()
+    for name in clipopt.__all__:
+        obj = getattr(clipopt, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismodule(obj):
+            assert f"::: clipopt.{name}" in api, name
+
+
+def test_import_does_not_import_optuna():
+    code = "import sys, clipopt; print('optuna' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_py_typed_is_shipped():
+    assert (pathlib.Path(clipopt.__file__).parent / "py.typed").exists()

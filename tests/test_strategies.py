@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+
+import clipopt
+from clipopt import ClipInputs, NormClip, ValueClip
+
+BAD_THRESHOLDS = [
+    (0, ValueError, "must be > 0, got 0"),
+    (-1.0, ValueError, "must be > 0, got -1.0"),
+    (math.nan, ValueError, "must be a number > 0, got nan"),
+    (-math.inf, ValueError, "must be > 0, got -inf"),
+    (True, TypeError, "must be a real number, got True"),
+    ("1.0", TypeError, "must be a real number, got '1.0'"),
+    (None, TypeError, "must be a real number, got None"),
+    (torch.tensor(1.0), TypeError, "must be a real number"),
+]
+
+
+@pytest.mark.parametrize(("value", "error", "message"), BAD_THRESHOLDS)
+def test_norm_rejects_bad_max_norm(value, error, message):
+    with pytest.raises(error, match=f"max_norm {message}"):
+        NormClip(max_norm=value)
+
+
+@pytest.mark.parametrize(("value", "error", "message"), BAD_THRESHOLDS)
+def test_value_rejects_bad_clip_value(value, error, message):
+    with pytest.raises(error, match=f"clip_value {message}"):
+        ValueClip(clip_value=value)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, ValueError),
+        (-2, ValueError),
+        (math.nan, ValueError),
+        (False, TypeError),
+        ("two", TypeError),
+    ],
+)
+def test_norm_rejects_bad_norm_type(value, error):
+    with pytest.raises(error, match="norm_type"):
+        NormClip(norm_type=value)
+
+
+@pytest.mark.parametrize("foreach", [1, "yes"])
+def test_foreach_must_be_bool_or_none(foreach):
+    with pytest.raises(TypeError, match="foreach must be None or a bool"):
+        NormClip(foreach=foreach)
+
+
+def test_valid_values_accepted():
+    assert NormClip(max_norm=math.inf).max_norm == math.inf
+    assert NormClip(norm_type="inf").norm_type == math.inf
+    assert NormClip(max_norm=2, norm_type=1).max_norm == 2.0
+    assert ValueClip(clip_value=math.inf).clip_value == math.inf
+
+
+def _inputs(*grads):
+    params = [torch.zeros_like(g) for g in grads]
+    return ClipInputs(params, list(grads), 0)
+
+
+def test_three_regimes_norm():
+    # all clipped, none clipped, and the exact coefficient in between
+    strategy = NormClip(max_norm=1.0)
+    inputs = _inputs(torch.tensor([3.0, 4.0]))
+    norm = strategy.measure(inputs)
+    result = strategy.clip_(inputs, norm)
+    assert norm == 5.0
+    assert result.clipped
+    assert torch.allclose(result.coef, torch.tensor(1.0 / (5.0 + 1e-6)))
+    assert result.threshold == 1.0
+    inputs = _inputs(torch.tensor([0.3, 0.4]))
+    result = strategy.clip_(inputs, strategy.measure(inputs))
+    assert not result.clipped
+    assert result.coef == 1.0
+    assert torch.equal(inputs.grads[0], torch.tensor([0.3, 0.4]))
+
+
+@pytest.mark.parametrize("big", [3e30, 3e3])  # 3e30: the fp32 norm overflows to inf
+def test_inf_threshold_never_clips(big):
+    for strategy in (NormClip(max_norm=math.inf), ValueClip(clip_value=math.inf)):
+        inputs = _inputs(torch.tensor([big, -big]))
+        result = strategy.clip_(inputs, strategy.measure(inputs))
+        assert not result.clipped
+        assert result.coef == 1.0
+        assert torch.equal(inputs.grads[0], torch.tensor([big, -big]))
+
+
+def test_value_stats():
+    strategy = ValueClip(clip_value=0.5)
+    inputs = _inputs(torch.tensor([-2.0, 0.25]), torch.tensor([1.0]))
+    norm = strategy.measure(inputs)
+    result = strategy.clip_(inputs, norm)
+    assert norm == 2.0  # largest absolute entry
+    assert result.clipped
+    assert result.coef == 0.25
+    assert torch.equal(inputs.grads[0], torch.tensor([-0.5, 0.25]))
+
+
+def test_stateless_strategies_have_empty_state():
+    for strategy in (NormClip(), ValueClip(1.0)):
+        assert strategy.state_dict() == {}
+        strategy.load_state_dict({})
+        with pytest.raises(ValueError, match="has no state"):
+            strategy.load_state_dict({"history": torch.zeros(3)})
+
+
+def test_repr_shows_hyperparameters():
+    assert repr(NormClip(0.5, 1.0)) == "NormClip(max_norm=0.5, norm_type=1.0, foreach=None)"
+    assert repr(ValueClip(2)) == "ValueClip(clip_value=2.0, foreach=None)"
+
+
+def test_registry_names():
+    assert NormClip.name == "norm"
+    assert ValueClip.name == "value"
+    assert isinstance(clipopt.get_strategy("value", clip_value=1.0), ValueClip)

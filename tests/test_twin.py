@@ -1,0 +1,85 @@
+"""The wrapper against torch's clip + inner step, bit for bit, for every optimizer."""
+
+import copy
+
+import pytest
+import torch
+
+import clipopt
+from tests.conftest import batches, loss_of, make_model, optimizer_variants
+
+REFERENCE_CLIP = {
+    "norm": lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5),
+    "norm-inf": lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.2, float("inf")),
+    "norm-p1.5": lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.4, 1.5),
+    "value": lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.05),
+}
+STRATEGIES = {
+    "norm": ("norm", {"max_norm": 0.5}),
+    "norm-inf": ("norm", {"max_norm": 0.2, "norm_type": float("inf")}),
+    "norm-p1.5": ("norm", {"max_norm": 0.4, "norm_type": 1.5}),
+    "value": ("value", {"clip_value": 0.05}),
+}
+
+
+def _twin_run(cls, kwargs, strategy, dtype, steps=6):
+    model_a = make_model(cls, dtype)
+    model_b = copy.deepcopy(model_a)
+    name, skw = STRATEGIES[strategy]
+    opt_a = clipopt.ClippedOptimizer(cls(model_a.parameters(), **kwargs), name, **skw)
+    opt_b = cls(model_b.parameters(), **kwargs)
+    clip_b = REFERENCE_CLIP[strategy]
+    for batch in batches(steps, dtype):
+        if cls is torch.optim.LBFGS:
+
+            def closure_a(batch=batch):
+                opt_a.zero_grad()
+                loss = loss_of(model_a, batch)
+                loss.backward()
+                return loss
+
+            def closure_b(batch=batch):
+                opt_b.zero_grad()
+                loss = loss_of(model_b, batch)
+                loss.backward()
+                clip_b(list(model_b.parameters()))
+                return loss
+
+            loss_a, loss_b = opt_a.step(closure_a), opt_b.step(closure_b)
+            assert torch.equal(loss_a, loss_b)
+        else:
+            opt_a.zero_grad()
+            loss_of(model_a, batch).backward()
+            opt_a.step()
+            opt_b.zero_grad()
+            loss_of(model_b, batch).backward()
+            clip_b(list(model_b.parameters()))
+            opt_b.step()
+        for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+            assert torch.equal(pa, pb)
+    return opt_a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize(("cls", "kwargs"), optimizer_variants())
+def test_wrapper_equals_torch_clip_then_step(cls, kwargs, strategy, dtype):
+    opt = _twin_run(cls, kwargs, strategy, dtype)
+    counts = opt.counts()
+    # the comparison means something only if clipping was active on some steps
+    assert counts["clipped_steps"] >= 1
+    assert counts["skipped_steps"] == 0
+
+
+def test_matrix_covers_every_torch_optimizer():
+    covered = {p.values[0].__name__ for p in optimizer_variants()}
+    expected = {
+        name
+        for name in torch.optim.__all__
+        if isinstance(getattr(torch.optim, name), type)
+        and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)
+    } - {"Optimizer", "SparseAdam"}
+    assert covered == expected
+    ids = {p.id for p in optimizer_variants()}
+    assert {"Adam-fused", "AdamW-fused", "SGD-fused", "Adagrad-fused"} <= ids
+    assert {"Adam-foreach", "Adam-forloop", "LBFGS-forloop", "Muon-forloop"} <= ids
