@@ -34,6 +34,7 @@ if _torch_version(_torch.__version__) < MIN_TORCH:  # pragma: no cover
     )
 
 from . import functional  # noqa: E402
+from ._adaptive import AGC, AdaGC, Chain, PercentileClip, ZScoreClip  # noqa: E402
 from ._base import ClipInputs, ClipResult, ClipStats, ClipStrategy  # noqa: E402
 from ._optimizer import ClippedOptimizer, NonfinitePolicy  # noqa: E402
 from ._registry import (  # noqa: E402
@@ -46,7 +47,10 @@ from ._strategies import NormClip, ValueClip  # noqa: E402
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AGC",
     "MIN_TORCH",
+    "AdaGC",
+    "Chain",
     "ClipInputs",
     "ClipResult",
     "ClipStats",
@@ -54,7 +58,9 @@ __all__ = [
     "ClippedOptimizer",
     "NonfinitePolicy",
     "NormClip",
+    "PercentileClip",
     "ValueClip",
+    "ZScoreClip",
     "__version__",
     "available_strategies",
     "functional",

@@ -18,16 +18,43 @@ __all__ = ["ClipInputs", "ClipResult", "ClipStats", "ClipStrategy"]
 class ClipInputs:
     """What a strategy sees at one step.
 
+    Only ``params``, ``grads`` and ``step`` are required; the wrapper fills in the rest.
+
     Attributes:
         params: The parameters that have a gradient, in ``param_groups`` order.
         grads: Their gradients, same order; the strategy clips these in place.
         step: How many clipping steps ran before this one (0 at the first step).
             Known on the host, so schedules can use it without reading the device.
+        indices: For each gradient, the position of its parameter among all the
+            optimizer's parameters (counting those without a gradient). Stable across
+            steps, so per-tensor state can be keyed by it. Defaults to
+            ``0 .. len(grads) - 1``.
+        num_params: How many parameters the optimizer holds in all.
+        group_index: For each gradient, the index of its parameter group.
+        groups: The optimizer's parameter groups (dicts); a group may override a
+            strategy's threshold under a ``"clipopt_<parameter>"`` key.
+        names: For each gradient, its parameter's name, when the optimizer was built from
+            ``model.named_parameters()``; otherwise None.
     """
 
     params: Sequence[Tensor]
     grads: Sequence[Tensor]
     step: int
+    indices: Sequence[int] = ()
+    num_params: int = 0
+    group_index: Sequence[int] = ()
+    groups: Sequence[Mapping[str, Any]] = ()
+    names: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.indices:
+            object.__setattr__(self, "indices", tuple(range(len(self.grads))))
+        if not self.num_params:
+            object.__setattr__(self, "num_params", max(self.indices, default=-1) + 1)
+        if not self.group_index:
+            object.__setattr__(self, "group_index", (0,) * len(self.grads))
+        if not self.groups:
+            object.__setattr__(self, "groups", ({},))
 
 
 class ClipResult(NamedTuple):

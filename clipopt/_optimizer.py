@@ -279,30 +279,46 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self._skipped_steps += 1
         self.last_stats = snapshot["last_stats"]
 
-    def _gradients(self) -> tuple[list[Tensor], list[Tensor]]:
+    def _inputs(self) -> ClipInputs | None:
+        """Collect the parameters with a gradient and where they sit; None if none."""
         params: list[Tensor] = []
         grads: list[Tensor] = []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
+        indices: list[int] = []
+        group_index: list[int] = []
+        names: list[str | None] = []
+        position = 0
+        groups = self.optimizer.param_groups
+        for g, group in enumerate(groups):
+            group_names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
                 grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        "clipopt does not support sparse gradients (a parameter of shape "
-                        f"{tuple(p.shape)} has one); clip them before a sparse optimizer"
-                    )
-                params.append(p)
-                grads.append(grad)
-        return params, grads
+                if grad is not None:
+                    if grad.is_sparse:
+                        raise RuntimeError(
+                            "clipopt does not support sparse gradients (a parameter of "
+                            f"shape {tuple(p.shape)} has one); clip them before a sparse "
+                            "optimizer"
+                        )
+                    params.append(p)
+                    grads.append(grad)
+                    indices.append(position)
+                    group_index.append(g)
+                    names.append(None if group_names is None else group_names[i])
+                position += 1
+        if not grads:
+            return None
+        known = None if None in names else cast(list[str], names)
+        return ClipInputs(
+            params, grads, self._steps, indices, position, group_index, groups, known
+        )
 
     @torch.no_grad()
     def _clip(self) -> bool:
         """Clip in place; return False when the inner step must be skipped."""
-        params, grads = self._gradients()
-        if not grads:
+        inputs = self._inputs()
+        if inputs is None:
             return True
-        inputs = ClipInputs(params, grads, self._steps)
+        grads = inputs.grads
         if self.nonfinite == "zero":
             nonfinite = ~torch.isfinite(self.strategy.measure(inputs))
             F.nonfinite_to_zero_(grads)

@@ -104,7 +104,7 @@ def get_strategy(name: str, /, **kwargs: Any) -> ClipStrategy:
     Example:
         >>> import clipopt
         >>> clipopt.get_strategy("norm", max_norm=0.5)
-        NormClip(max_norm=0.5, norm_type=2.0, foreach=None)
+        NormClip(max_norm=0.5, norm_type=2.0, scope='global', foreach=None)
     """
     if not isinstance(name, str):
         raise TypeError(f"strategy name must be a str, got {name!r}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -10,34 +12,94 @@ from torch import Tensor
 from . import functional as F
 from ._base import ClipInputs, ClipResult, ClipStrategy
 from ._registry import register_strategy
-from ._validation import check_foreach, check_norm_type, check_threshold
+from ._validation import (
+    Schedule,
+    check_choice,
+    check_foreach,
+    check_norm_type,
+    check_schedule,
+    check_threshold,
+    threshold_at,
+)
 
-__all__ = ["NormClip", "ValueClip"]
+__all__ = ["NormClip", "ValueClip", "group_threshold"]
+
+Scope = Literal["global", "group", "tensor"]
+
+
+def group_threshold(inputs: ClipInputs, group: int, name: str, default: float) -> float:
+    """Return a parameter group's override of threshold ``name``, or ``default``.
+
+    A group overrides it under the key ``"clipopt_<name>"``, e.g.
+    ``{"params": head.parameters(), "clipopt_max_norm": 0.5}``.
+
+    Raises:
+        TypeError, ValueError: The override is not a valid threshold.
+    """
+    key = f"clipopt_{name}"
+    options = inputs.groups[group]
+    if key not in options:
+        return default
+    return check_threshold(f"param_groups[{group}][{key!r}]", options[key])
+
+
+def _group_members(inputs: ClipInputs) -> dict[int, list[int]]:
+    members: dict[int, list[int]] = {}
+    for position, group in enumerate(inputs.group_index):
+        members.setdefault(group, []).append(position)
+    return members
+
+
+class _PerTensorNorms:
+    """Caches the per-tensor norms ``measure`` computed for ``clip_`` to reuse."""
+
+    def __init__(self) -> None:
+        self._inputs: ClipInputs | None = None
+        self._norms: Tensor | None = None
+
+    def compute(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
+        self._inputs = inputs
+        self._norms = F.tensor_norms(inputs.grads, norm_type, foreach=foreach)
+        return self._norms
+
+    def take(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
+        norms = self._norms if self._inputs is inputs else None
+        self._inputs = self._norms = None
+        if norms is None:
+            norms = F.tensor_norms(inputs.grads, norm_type, foreach=foreach)
+        return norms
 
 
 @register_strategy("norm")
 class NormClip(ClipStrategy):
-    r"""Scale all gradients by one factor so that their total norm is at most ``max_norm``.
+    r"""Scale the gradients by one factor so that their norm is at most ``max_norm``.
 
     .. math::
 
         g \leftarrow g \cdot \min\left(1, \frac{\text{max\_norm}}{\lVert g \rVert_p
         + 10^{-6}}\right)
 
-    with the norm taken over all gradients as one vector. Bit-identical to
+    With ``scope="global"`` (the default) the norm is taken over all gradients of all
+    parameter groups as one vector, bit-identical to
     ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=foreach)``.
+    With ``scope="group"`` each parameter group is clipped on its own, to its own
+    ``"clipopt_max_norm"`` if it has one; with ``scope="tensor"`` each gradient tensor
+    is.
 
     Args:
-        max_norm: Largest total norm allowed, > 0; ``math.inf`` never clips. The default,
-            1.0, is the common choice for transformers (Hugging Face ``max_grad_norm``,
-            most LLM recipes); tune it with an Optuna study for anything else.
+        max_norm: Largest norm allowed, > 0; ``math.inf`` never clips. A callable of the
+            step count (0, 1, ...) is a schedule, e.g. a warmup ramp. The default, 1.0,
+            is the common choice for transformers (Hugging Face ``max_grad_norm``, most
+            LLM recipes); tune it with an Optuna study for anything else.
         norm_type: p of the p-norm: any p > 0, or ``math.inf`` for the largest absolute
             entry.
+        scope: ``"global"``, ``"group"`` or ``"tensor"``.
         foreach: ``None`` uses the foreach kernels where the device supports them.
 
     Raises:
         TypeError: A parameter has the wrong type.
-        ValueError: ``max_norm`` or ``norm_type`` is NaN or <= 0.
+        ValueError: ``max_norm`` or ``norm_type`` is NaN or <= 0, or ``scope`` is
+            unknown.
 
     References:
         Pascanu, Mikolov, Bengio, "On the difficulty of training recurrent neural
@@ -53,33 +115,71 @@ class NormClip(ClipStrategy):
         >>> p
         Parameter containing:
         tensor([-0.6000, -0.8000], requires_grad=True)
+
+        A warmup ramp from 0.1 to 1.0 over 100 steps:
+
+        >>> ramp = clipopt.NormClip(max_norm=lambda step: min(1.0, 0.1 + step * 0.009))
     """
 
     def __init__(
         self,
-        max_norm: float = 1.0,
+        max_norm: Schedule = 1.0,
         norm_type: float = 2.0,
         *,
+        scope: Scope = "global",
         foreach: bool | None = None,
     ) -> None:
-        self.max_norm = check_threshold("max_norm", max_norm)
+        self.max_norm = check_schedule("max_norm", max_norm)
         self.norm_type = check_norm_type(norm_type)
+        self.scope = check_choice("scope", scope, ("global", "group", "tensor"))
         self.foreach = check_foreach(foreach)
+        self._cache = _PerTensorNorms()
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total ``norm_type``-norm of the gradients."""
-        return F.total_norm(inputs.grads, self.norm_type, foreach=self.foreach)
+        if self.scope == "global":
+            return F.total_norm(inputs.grads, self.norm_type, foreach=self.foreach)
+        norms = self._cache.compute(inputs, self.norm_type, self.foreach)
+        total: Tensor = torch.linalg.vector_norm(norms, self.norm_type)
+        return total
 
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
-        """Scale the gradients by ``min(1, max_norm / (norm + 1e-6))``."""
-        if math.isinf(self.max_norm):
-            # "never clip": no pass over the gradients, and no inf / inf = NaN.
-            coef = torch.ones_like(norm)
+        """Scale the gradients by ``min(1, max_norm / (norm + 1e-6))`` per scope."""
+        max_norm = threshold_at("max_norm", self.max_norm, inputs.step)
+        threshold = torch.full_like(norm, max_norm)
+        if self.scope == "global":
+            if math.isinf(max_norm):
+                # "never clip": no pass over the gradients, and no inf / inf = NaN.
+                coef = torch.ones_like(norm)
+            else:
+                coef = F.clip_coef(norm, max_norm)
+                F.scale_(inputs.grads, coef, foreach=self.foreach)
+            return ClipResult(threshold, coef, coef < 1.0)
+        norms = self._cache.take(inputs, self.norm_type, self.foreach)
+        if self.scope == "tensor":
+            coefs = _coefs(norms, max_norm)
         else:
-            coef = F.clip_coef(norm, self.max_norm)
-            F.scale_(inputs.grads, coef, foreach=self.foreach)
-        threshold = torch.full_like(norm, self.max_norm)
-        return ClipResult(threshold, coef, coef < 1.0)
+            parts = norms.unbind()
+            per_tensor: list[Tensor] = list(parts)
+            for group, positions in _group_members(inputs).items():
+                limit = group_threshold(inputs, group, "max_norm", max_norm)
+                group_norm = torch.linalg.vector_norm(
+                    torch.stack([parts[i] for i in positions]), self.norm_type
+                )
+                group_coef = _coefs(group_norm, limit)
+                for i in positions:
+                    per_tensor[i] = group_coef
+            coefs = torch.stack(per_tensor)
+        F.scale_each_(inputs.grads, coefs.unbind(), foreach=self.foreach)
+        post = torch.linalg.vector_norm(norms * coefs, self.norm_type)
+        total_coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
+        return ClipResult(threshold, total_coef, (coefs < 1.0).any())
+
+
+def _coefs(norms: Tensor, limit: float) -> Tensor:
+    if math.isinf(limit):
+        return torch.ones_like(norms)
+    return F.clip_coef(norms, limit)
 
 
 @register_strategy("value")
@@ -94,15 +194,18 @@ class ValueClip(ClipStrategy):
     foreach=foreach)``. Clamping changes the gradient's direction; prefer ``"norm"``
     unless a few entries are known to spike. The statistic reported as ``norm`` is the
     largest absolute entry (the inf-norm), and ``coef`` is the factor applied to that
-    entry.
+    entry. With ``scope="group"``, a parameter group's ``"clipopt_clip_value"``
+    overrides ``clip_value`` for its gradients.
 
     Args:
-        clip_value: Largest absolute entry allowed, > 0; ``math.inf`` never clips.
+        clip_value: Largest absolute entry allowed, > 0; ``math.inf`` never clips. A
+            callable of the step count is a schedule.
+        scope: ``"global"`` or ``"group"``.
         foreach: ``None`` uses the foreach kernels where the device supports them.
 
     Raises:
         TypeError: A parameter has the wrong type.
-        ValueError: ``clip_value`` is NaN or <= 0.
+        ValueError: ``clip_value`` is NaN or <= 0, or ``scope`` is unknown.
 
     Example:
         >>> import torch, clipopt
@@ -115,8 +218,15 @@ class ValueClip(ClipStrategy):
         tensor([-0.5000,  0.1000,  0.5000])
     """
 
-    def __init__(self, clip_value: float, *, foreach: bool | None = None) -> None:
-        self.clip_value = check_threshold("clip_value", clip_value)
+    def __init__(
+        self,
+        clip_value: Schedule,
+        *,
+        scope: Literal["global", "group"] = "global",
+        foreach: bool | None = None,
+    ) -> None:
+        self.clip_value = check_schedule("clip_value", clip_value)
+        self.scope = check_choice("scope", scope, ("global", "group"))
         self.foreach = check_foreach(foreach)
 
     def measure(self, inputs: ClipInputs) -> Tensor:
@@ -125,9 +235,30 @@ class ValueClip(ClipStrategy):
 
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Clamp the gradients to ``[-clip_value, clip_value]``."""
-        threshold = torch.full_like(norm, self.clip_value)
-        if math.isinf(self.clip_value):
-            return ClipResult(threshold, torch.ones_like(norm), torch.zeros_like(norm) > 0)
-        F.clamp_(inputs.grads, self.clip_value, foreach=self.foreach)
-        coef = torch.clamp(self.clip_value / norm, max=1.0)
-        return ClipResult(threshold, coef, norm > self.clip_value)
+        clip_value = threshold_at("clip_value", self.clip_value, inputs.step)
+        threshold = torch.full_like(norm, clip_value)
+        if self.scope == "global":
+            limits: Sequence[tuple[float, list[Tensor]]] = [
+                (clip_value, list(inputs.grads))
+            ]
+        else:
+            limits = [
+                (
+                    group_threshold(inputs, group, "clip_value", clip_value),
+                    [inputs.grads[i] for i in positions],
+                )
+                for group, positions in _group_members(inputs).items()
+            ]
+        for limit, grads in limits:
+            if not math.isinf(limit):
+                F.clamp_(grads, limit, foreach=self.foreach)
+        if self.scope == "global":
+            coef = (
+                torch.ones_like(norm)
+                if math.isinf(clip_value)
+                else torch.clamp(clip_value / norm, max=1.0)
+            )
+        else:  # the largest entry left, over the largest entry before
+            post = F.total_norm(inputs.grads, math.inf, foreach=self.foreach)
+            coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
+        return ClipResult(threshold, coef, coef < 1.0)

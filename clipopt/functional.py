@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -33,7 +34,17 @@ from torch.utils._foreach_utils import (
     _has_foreach_support,
 )
 
-__all__ = ["clamp_", "clip_coef", "nonfinite_to_zero_", "scale_", "total_norm"]
+__all__ = [
+    "clamp_",
+    "clip_coef",
+    "nonfinite_to_zero_",
+    "percentile",
+    "scale_",
+    "scale_each_",
+    "tensor_norms",
+    "total_norm",
+    "unit_norms",
+]
 
 #: Added to the norm before dividing, exactly as torch.nn.utils.clip_grad_norm_ does.
 NORM_EPS = 1e-6
@@ -156,3 +167,145 @@ def nonfinite_to_zero_(tensors: Sequence[Tensor]) -> None:
     """
     for t in tensors:
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def tensor_norms(
+    tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: bool | None = None
+) -> Tensor:
+    """Return the p-norm of each tensor, stacked in input order on the first device.
+
+    Zero-size tensors have norm 0.
+
+    Args:
+        tensors: Non-empty sequence of tensors.
+        norm_type: p > 0, or ``math.inf``.
+        foreach: ``None`` picks the foreach kernels where the device supports them.
+
+    Returns:
+        A 1-D tensor of ``len(tensors)`` norms.
+
+    Raises:
+        ValueError: ``tensors`` is empty.
+
+    Example:
+        >>> import torch
+        >>> from clipopt import functional as F
+        >>> F.tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0])])
+        tensor([5., 2.])
+    """
+    if len(tensors) == 0:
+        raise ValueError("tensors must not be empty")
+    first = tensors[0].device
+    out: list[Tensor | None] = [None] * len(tensors)
+    for device, group, positions in _grouped_positions(tensors):
+        if math.isinf(norm_type):
+            norms = [
+                t.abs().amax() if t.numel() else t.new_zeros(()) for t in group
+            ]  # torch has no inf-norm of an empty tensor
+        elif _use_foreach(group, device, foreach):
+            norms = list(torch._foreach_norm(group, norm_type))
+        else:
+            norms = [torch.linalg.vector_norm(t, norm_type) for t in group]
+        for i, n in zip(positions, norms, strict=True):
+            out[i] = n
+    return torch.stack([cast(Tensor, n).to(first) for n in out])
+
+
+def _grouped_positions(
+    tensors: Sequence[Tensor],
+) -> Iterator[tuple[torch.device, list[Tensor], list[int]]]:
+    """Yield (device, tensors, their positions) for each (device, dtype) group."""
+    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_key.setdefault((t.device, t.dtype), []).append(i)
+    for (device, _dtype), positions in by_key.items():
+        yield device, [tensors[i] for i in positions], positions
+
+
+def scale_each_(
+    tensors: Sequence[Tensor], coefs: Sequence[Tensor], *, foreach: bool | None = None
+) -> None:
+    """Multiply each tensor in place by its own coefficient tensor.
+
+    Args:
+        tensors: Tensors to scale in place.
+        coefs: One tensor per tensor, broadcastable to it (0-dim, or one value per unit).
+        foreach: ``None`` picks the foreach kernels where the device supports them.
+
+    Example:
+        >>> import torch
+        >>> from clipopt import functional as F
+        >>> ts = [torch.ones(2), torch.ones(2, 2)]
+        >>> F.scale_each_(ts, [torch.tensor(3.0), torch.tensor([[2.0], [0.5]])])
+        >>> ts[1]
+        tensor([[2.0000, 2.0000],
+                [0.5000, 0.5000]])
+    """
+    if len(tensors) != len(coefs):
+        raise ValueError(
+            f"coefs must have one entry per tensor, got {len(coefs)} for {len(tensors)}"
+        )
+    for device, group, positions in _grouped_positions(tensors):
+        group_coefs = [coefs[i].to(device=device, dtype=group[0].dtype) for i in positions]
+        if _use_foreach(group, device, foreach):
+            torch._foreach_mul_(group, group_coefs)
+        else:
+            for t, c in zip(group, group_coefs, strict=True):
+                t.mul_(c)
+
+
+def percentile(values: Tensor, count: Tensor, q: float) -> Tensor:
+    """Return the ``q``-th percentile of the first ``count`` finite entries, sync-free.
+
+    Linear interpolation between the closest ranks, as ``numpy.percentile``'s default
+    method. Entries past ``count`` must be NaN (the layout of a ring buffer that is not
+    full yet); with ``count == 0`` the result is ``inf``.
+
+    Args:
+        values: 1-D tensor; valid entries anywhere, unused slots NaN.
+        count: 0-dim integer tensor, the number of valid entries.
+        q: Percentile in ``[0, 100]``.
+
+    Returns:
+        A 0-dim tensor.
+
+    Example:
+        >>> import torch, math
+        >>> from clipopt import functional as F
+        >>> h = torch.tensor([1.0, 2.0, 0.5, math.nan])
+        >>> F.percentile(h, torch.tensor(3), 10.0)
+        tensor(0.6000)
+    """
+    ordered = torch.sort(values).values  # NaN sorts last
+    k = count.to(values.dtype)
+    position = (q / 100.0) * (k - 1).clamp(min=0)
+    low = position.floor()
+    frac = position - low
+    last = values.numel() - 1
+    low_index = low.to(torch.int64).clamp(0, last).reshape(1)
+    high_index = (low + 1).clamp(max=(k - 1).clamp(min=0)).to(torch.int64).clamp(0, last)
+    a = ordered.gather(0, low_index).reshape(())
+    b = ordered.gather(0, high_index.reshape(1)).reshape(())
+    # numpy's lerp: from the nearer end, so that frac 0 and 1 give a and b exactly
+    value = torch.where(frac >= 0.5, b - (b - a) * (1 - frac), a + (b - a) * frac)
+    return torch.where(count > 0, value, torch.full_like(value, math.inf))
+
+
+def unit_norms(tensor: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Return the norms of a tensor's units: rows of dim 0 for 2+ dims, else the whole.
+
+    The unit-wise norm of AGC (Brock et al. 2021) in torch's ``(out, in, ...)`` layout,
+    kept broadcastable to ``tensor``.
+
+    Example:
+        >>> import torch
+        >>> from clipopt import functional as F
+        >>> F.unit_norms(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        tensor([[5.],
+                [1.]])
+    """
+    dims = tuple(range(1, tensor.dim())) if tensor.dim() > 1 else None
+    result: Tensor = torch.linalg.vector_norm(
+        tensor, norm_type, dim=dims, keepdim=dims is not None
+    )
+    return result

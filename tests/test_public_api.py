@@ -6,6 +6,11 @@ import sys
 import clipopt
 
 EXPECTED = {
+    "AGC",
+    "AdaGC",
+    "Chain",
+    "PercentileClip",
+    "ZScoreClip",
     "MIN_TORCH",
     "ClipInputs",
     "ClipResult",

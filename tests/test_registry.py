@@ -19,7 +19,7 @@ def test_unknown_kwarg_names_accepted_ones():
     with pytest.raises(
         TypeError,
         match=r"strategy 'norm' got unexpected keyword argument\(s\) max_nrom; "
-        r"it accepts: max_norm, norm_type, foreach",
+        r"it accepts: max_norm, norm_type, scope, foreach",
     ):
         clipopt.get_strategy("norm", max_nrom=1.0)
 

@@ -110,8 +110,11 @@ def test_stateless_strategies_have_empty_state():
 
 
 def test_repr_shows_hyperparameters():
-    assert repr(NormClip(0.5, 1.0)) == "NormClip(max_norm=0.5, norm_type=1.0, foreach=None)"
-    assert repr(ValueClip(2)) == "ValueClip(clip_value=2.0, foreach=None)"
+    assert (
+        repr(NormClip(0.5, 1.0))
+        == "NormClip(max_norm=0.5, norm_type=1.0, scope='global', foreach=None)"
+    )
+    assert repr(ValueClip(2)) == "ValueClip(clip_value=2.0, scope='global', foreach=None)"
 
 
 def test_registry_names():

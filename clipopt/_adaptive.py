@@ -1,0 +1,782 @@
+"""Adaptive strategies: percentile (AutoClip), z-score (ZClip), AdaGC, AGC, and Chain.
+
+Every one of them keeps its state in fixed-size tensors on the gradients' device and
+updates it with ``torch.where`` instead of Python branches, so ``clip_`` never reads the
+device. A statistic that is not finite, or zero (the all-zero step that
+``torch.distributed.checkpoint`` issues to initialise optimizer state), never enters the
+state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._base import ClipInputs, ClipResult, ClipStrategy
+from ._registry import get_strategy, register_strategy
+from ._validation import (
+    Schedule,
+    check_bool,
+    check_choice,
+    check_foreach,
+    check_int,
+    check_norm_type,
+    check_range,
+    check_schedule,
+    check_threshold,
+    threshold_at,
+)
+
+__all__ = ["AGC", "AdaGC", "Chain", "PercentileClip", "ZScoreClip"]
+
+
+def _state_dtype(norm: Tensor) -> torch.dtype:
+    return torch.promote_types(norm.dtype, torch.float32)
+
+
+def _usable(norm: Tensor) -> Tensor:
+    """Whether a statistic may enter the state: finite and > 0."""
+    return torch.isfinite(norm) & (norm > 0)
+
+
+class _Stateful(ClipStrategy):
+    """Lazily created tensor state, moved to the gradients' device, checked on load."""
+
+    _state: dict[str, Tensor] | None = None
+
+    def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _check_state(self, state: Mapping[str, Tensor]) -> None:
+        """Raise ValueError if ``state`` (keys already checked) does not fit."""
+
+    def _state_on(self, norm: Tensor, num_params: int = 0) -> dict[str, Tensor]:
+        if self._state is None:
+            self._state = self._fresh_state(norm, num_params)
+        elif next(iter(self._state.values())).device != norm.device:
+            self._state = {k: v.to(norm.device) for k, v in self._state.items()}
+        return self._state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return copies of the state tensors (empty before the first step)."""
+        if self._state is None:
+            return {}
+        return {k: v.detach().clone() for k, v in self._state.items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore state saved by :meth:`state_dict`; ``{}`` resets.
+
+        Raises:
+            ValueError: Keys, shapes or types do not fit this strategy; nothing changes.
+        """
+        if not state_dict:
+            self.reset()
+            return
+        expected = set(self._fresh_state(torch.zeros(()), 1))
+        if set(state_dict) != expected:
+            raise ValueError(
+                f"{type(self).__name__} state needs keys {sorted(expected)}, "
+                f"got {sorted(state_dict)}"
+            )
+        for key, value in state_dict.items():
+            if not isinstance(value, Tensor):
+                raise ValueError(
+                    f"{type(self).__name__} state[{key!r}] must be a tensor, "
+                    f"got {type(value).__name__}"
+                )
+        self._check_state(state_dict)
+        self._state = {k: v.detach().clone() for k, v in state_dict.items()}
+
+    def reset(self) -> None:
+        """Forget all state."""
+        self._state = None
+
+    def _slots(self, size: int, device: torch.device) -> Tensor:
+        cached = getattr(self, "_slot_cache", None)
+        if cached is None or cached.device != device or cached.numel() != size:
+            cached = torch.arange(size, device=device)
+            self._slot_cache = cached
+        return cached
+
+
+def _check_shape(owner: str, key: str, value: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(value.shape) != shape:
+        raise ValueError(
+            f"{owner} state[{key!r}] has shape {tuple(value.shape)}, expected {shape}"
+        )
+
+
+@register_strategy("percentile")
+class PercentileClip(_Stateful):
+    r"""AutoClip: clip to a percentile of the recent gradient norms.
+
+    .. math::
+
+        \eta_t = \operatorname{percentile}_p\left(\lVert g_{t-w+1}\rVert, \dots,
+        \lVert g_t \rVert\right), \qquad
+        g \leftarrow g \cdot \min\left(1, \frac{\eta_t}{\lVert g_t \rVert + 10^{-6}}\right)
+
+    The history is a fixed-size ring buffer of the last ``window`` pre-clip total norms,
+    and the percentile interpolates linearly, as ``numpy.percentile``. While the history
+    fits the window this is the paper's algorithm step for step. Non-finite and zero
+    norms are not recorded.
+
+    Args:
+        percentile: p in ``[0, 100]``. The paper's recommendation is 10: about 90% of
+            the steps are clipped, which stabilises training like a smaller LR on spikes.
+        window: Number of recent norms kept (the paper keeps all of them).
+        include_current: Whether this step's norm is in the history the percentile is
+            taken over, as in the paper (True). False follows the ``autoclip`` package:
+            the threshold comes from past steps only, and the first step is not clipped.
+        norm_type: p of the norm.
+        foreach: ``None`` uses the foreach kernels where the device supports them.
+
+    References:
+        Seetharaman, Wichern, Pardo, Le Roux, "AutoClip: Adaptive Gradient Clipping for
+        Source Separation Networks", MLSP 2020.
+
+    Example:
+        >>> import torch, clipopt
+        >>> strategy = clipopt.PercentileClip(percentile=10, window=1000)
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = clipopt.ClippedOptimizer(torch.optim.SGD([p], lr=1.0), strategy)
+        >>> for norm in [1.0, 2.0, 0.5, 4.0]:
+        ...     p.grad = torch.tensor([norm])
+        ...     opt.step()
+        >>> round(float(opt.last_stats.threshold), 4)  # np.percentile([1, 2, .5, 4], 10)
+        0.65
+    """
+
+    def __init__(
+        self,
+        percentile: float = 10.0,
+        window: int = 1000,
+        *,
+        include_current: bool = True,
+        norm_type: float = 2.0,
+        foreach: bool | None = None,
+    ) -> None:
+        self.percentile = check_range("percentile", percentile, 0.0, 100.0)
+        self.window = check_int("window", window, minimum=1)
+        self.include_current = check_bool("include_current", include_current)
+        self.norm_type = check_norm_type(norm_type)
+        self.foreach = check_foreach(foreach)
+
+    def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
+        return {
+            "history": torch.full(
+                (self.window,), math.nan, dtype=_state_dtype(norm), device=norm.device
+            ),
+            "count": torch.zeros((), dtype=torch.int64, device=norm.device),
+        }
+
+    def _check_state(self, state: Mapping[str, Tensor]) -> None:
+        _check_shape("PercentileClip", "history", state["history"], (self.window,))
+        _check_shape("PercentileClip", "count", state["count"], ())
+
+    def measure(self, inputs: ClipInputs) -> Tensor:
+        """Return the total ``norm_type``-norm of the gradients."""
+        return F.total_norm(inputs.grads, self.norm_type, foreach=self.foreach)
+
+    def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Record the norm, then clip to the percentile of the history."""
+        state = self._state_on(norm)
+        history, count = state["history"], state["count"]
+        usable = _usable(norm)
+        slot = torch.remainder(count, self.window)
+        write = (self._slots(self.window, norm.device) == slot) & usable
+        new_history = torch.where(write, norm.to(history.dtype), history)
+        new_count = count + usable.to(count.dtype)
+        if self.include_current:
+            threshold = F.percentile(
+                new_history, new_count.clamp(max=self.window), self.percentile
+            )
+        else:
+            threshold = F.percentile(history, count.clamp(max=self.window), self.percentile)
+        threshold = threshold.to(norm.dtype)
+        coef = F.clip_coef(norm, threshold)
+        F.scale_(inputs.grads, coef, foreach=self.foreach)
+        state["history"], state["count"] = new_history, new_count
+        return ClipResult(threshold, coef, norm > threshold)
+
+
+@register_strategy("zscore")
+class ZScoreClip(_Stateful):
+    r"""ZClip: clip gradient-norm spikes detected by a z-score against EMA statistics.
+
+    After ``warmup_steps`` norms initialise the mean :math:`\mu` and variance
+    :math:`\sigma^2`, each step computes :math:`z = (n - \mu)/(\sigma + \epsilon)`. A
+    spike (:math:`z > z_{thresh}`) is clipped to
+
+    - ``clip_option="adaptive_scaling"``:
+      :math:`(\mu + z_{thresh}^2\,\sigma / z)\cdot\text{clip\_factor}`, which clips
+      larger outliers harder;
+    - ``clip_option="mean"``: :math:`\mu`.
+
+    With ``mode="percentile"`` the threshold is :math:`\mu + z_{thresh}\sigma` and every
+    norm above it is clipped to it. The EMAs then take the clipped norm on a spike
+    (nothing with ``skip_update_on_spike``) and the norm otherwise:
+    :math:`\mu \leftarrow \alpha\mu + (1-\alpha)x`,
+    :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(x - \mu)^2` with the updated
+    :math:`\mu`.
+
+    This reproduces ``zclip`` 1.0.0 step for step. Where its code and paper differ, the
+    code is followed: ``clip_factor`` multiplies the whole adaptive threshold (the
+    docstring says only :math:`z_{thresh}\sigma`), it is not applied with ``"mean"`` or in
+    percentile mode, and the variance uses the updated mean. One deliberate difference:
+    ``max_norm`` defaults to None here (zclip: 1.0), so the strategy is purely adaptive
+    unless a cap is asked for; with a cap, warmup steps are clipped to it and later
+    thresholds are capped by it. Non-finite and zero norms are not recorded.
+
+    Args:
+        alpha: EMA smoothing factor in (0, 1).
+        z_thresh: z-score above which a norm is a spike, > 0.
+        warmup_steps: Norms collected before the EMAs start, >= 1.
+        max_norm: Optional cap (a number or a schedule), or None.
+        clip_option: ``"adaptive_scaling"`` or ``"mean"`` (zscore mode).
+        mode: ``"zscore"`` or ``"percentile"``.
+        clip_factor: Multiplier of the adaptive threshold, > 0.
+        skip_update_on_spike: Leave the EMAs unchanged on spikes.
+        eps: Added to :math:`\sigma` in the z-score, > 0.
+        foreach: ``None`` uses the foreach kernels where the device supports them.
+
+    References:
+        Kumar, Owen, Ashkboos, Hoefler, "ZClip: Adaptive Spike Mitigation for LLM
+        Pre-Training", arXiv:2504.02507, 2025.
+
+    Example:
+        >>> import clipopt
+        >>> clipopt.get_strategy("zscore", z_thresh=3.0, max_norm=1.0).z_thresh
+        3.0
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        *,
+        max_norm: Schedule | None = None,
+        clip_option: Literal["adaptive_scaling", "mean"] = "adaptive_scaling",
+        mode: Literal["zscore", "percentile"] = "zscore",
+        clip_factor: float = 1.0,
+        skip_update_on_spike: bool = False,
+        eps: float = 1e-6,
+        foreach: bool | None = None,
+    ) -> None:
+        self.alpha = check_range("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
+        self.z_thresh = check_threshold("z_thresh", z_thresh, allow_inf=False)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
+        self.max_norm = None if max_norm is None else check_schedule("max_norm", max_norm)
+        self.clip_option = check_choice(
+            "clip_option", clip_option, ("adaptive_scaling", "mean")
+        )
+        self.mode = check_choice("mode", mode, ("zscore", "percentile"))
+        self.clip_factor = check_threshold("clip_factor", clip_factor, allow_inf=False)
+        self.skip_update_on_spike = check_bool("skip_update_on_spike", skip_update_on_spike)
+        self.eps = check_threshold("eps", eps, allow_inf=False)
+        self.foreach = check_foreach(foreach)
+
+    def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
+        dtype = _state_dtype(norm)
+        return {
+            "buffer": torch.zeros(self.warmup_steps, dtype=dtype, device=norm.device),
+            "count": torch.zeros((), dtype=torch.int64, device=norm.device),
+            "mean": torch.zeros((), dtype=dtype, device=norm.device),
+            "var": torch.zeros((), dtype=dtype, device=norm.device),
+        }
+
+    def _check_state(self, state: Mapping[str, Tensor]) -> None:
+        _check_shape("ZScoreClip", "buffer", state["buffer"], (self.warmup_steps,))
+        for key in ("count", "mean", "var"):
+            _check_shape("ZScoreClip", key, state[key], ())
+
+    def measure(self, inputs: ClipInputs) -> Tensor:
+        """Return the total L2 norm of the gradients."""
+        return F.total_norm(inputs.grads, 2.0, foreach=self.foreach)
+
+    def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Detect a spike against the EMAs, clip it, and update the EMAs."""
+        state = self._state_on(norm)
+        buffer, count, mean, var = (
+            state["buffer"],
+            state["count"],
+            state["mean"],
+            state["var"],
+        )
+        cap = (
+            math.inf
+            if self.max_norm is None
+            else threshold_at("max_norm", self.max_norm, inputs.step)
+        )
+        usable = _usable(norm)
+        n = norm.to(mean.dtype)
+        warming = count < self.warmup_steps
+
+        # Warmup: collect the norm; the last warmup step initialises the EMAs.
+        write = (self._slots(self.warmup_steps, norm.device) == count) & usable & warming
+        new_buffer = torch.where(write, n, buffer)
+        new_count = count + usable.to(count.dtype)
+        initialising = warming & usable & (new_count == self.warmup_steps)
+        buffer_mean = new_buffer.mean()
+        buffer_var = (new_buffer - buffer_mean).square().mean()
+
+        # After warmup: z-score against the EMAs.
+        std = var.sqrt()
+        if self.mode == "zscore":
+            z = (n - mean) / (std + self.eps)
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                adaptive = (
+                    mean + (self.z_thresh * std) / (z / self.z_thresh)
+                ) * self.clip_factor
+            else:
+                adaptive = mean
+            level = mean + self.z_thresh * (std + self.eps)
+        else:
+            adaptive = mean + self.z_thresh * std
+            spike = n > adaptive
+            level = adaptive
+        effective = torch.where(spike, adaptive, n).clamp(max=cap)
+        coef_after = torch.where(n > effective, effective / (n + 1e-6), torch.ones_like(n))
+        coef_warmup = torch.ones_like(n) if math.isinf(cap) else F.clip_coef(n, cap)
+        coef = torch.where(warming, coef_warmup, coef_after).to(norm.dtype)
+        F.scale_(inputs.grads, coef, foreach=self.foreach)
+
+        x = torch.where(spike, adaptive, n)
+        ema_mean = self.alpha * mean + (1 - self.alpha) * x
+        ema_var = self.alpha * var + (1 - self.alpha) * (x - ema_mean).square()
+        update = usable & ~warming
+        if self.skip_update_on_spike:
+            update = update & ~spike
+        state["buffer"], state["count"] = new_buffer, new_count
+        state["mean"] = torch.where(
+            initialising, buffer_mean, torch.where(update, ema_mean, mean)
+        )
+        state["var"] = torch.where(
+            initialising, buffer_var, torch.where(update, ema_var, var)
+        )
+        threshold = torch.where(
+            warming,
+            torch.full_like(n, cap),
+            torch.where(spike, effective, level.clamp(max=cap)),
+        ).to(norm.dtype)
+        return ClipResult(threshold, coef, coef < 1.0)
+
+
+@register_strategy("adagc")
+class AdaGC(_Stateful):
+    r"""AdaGC: clip each tensor relative to an EMA of its own clipped norms.
+
+    For tensor :math:`i` with gradient norm :math:`m_i` and EMA :math:`\gamma_i`:
+
+    .. math::
+
+        g_i \leftarrow g_i \cdot \frac{\lambda_{rel}\gamma_i}{m_i + \epsilon}
+        \ \text{if}\ m_i > \lambda_{rel}\gamma_i, \qquad
+        \gamma_i \leftarrow \beta\gamma_i + (1-\beta)\min(m_i, \lambda_{rel}\gamma_i)
+
+    During the first ``warmup_steps`` steps the gradients are clipped globally to
+    ``max_norm`` instead, and :math:`\gamma_i` is the running minimum of each tensor's
+    (globally clipped) norm. A tensor seen for the first time after warmup starts with
+    :math:`\gamma_i = m_i`. These are the semantics of the official reference (AdaGC's
+    Megatron patch), golden values included. Per-tensor state is keyed by the
+    parameter's position in the optimizer, so parameters may gain and lose gradients
+    between steps. Non-finite and zero norms are not recorded.
+
+    OLMo's adaptive clipping is the same rule without the warmup stage; use
+    ``warmup_steps=0`` for it (and ``beta = max(beta1, beta2)`` of the optimizer, as OLMo
+    does).
+
+    Args:
+        clip_ratio: :math:`\lambda_{rel}`, > 0 (reference: 1.04; pytorch_optimizer 1.05).
+        beta: EMA factor in [0, 1) (reference: 0.99; pytorch_optimizer 0.98).
+        warmup_steps: Steps of global clipping first, >= 0 (reference: 100).
+        max_norm: :math:`\lambda_{abs}`, the global threshold during warmup (a number or a
+            schedule).
+        eps: Added to the norm when dividing, > 0.
+        foreach: ``None`` uses the foreach kernels where the device supports them.
+
+    References:
+        Wang et al., "AdaGC: Improving Training Stability for Large Language Model
+        Pretraining", arXiv:2502.11034, 2025. Groeneveld et al., "OLMo", 2024.
+
+    Example:
+        >>> import clipopt
+        >>> clipopt.AdaGC(warmup_steps=10).hyperparameters()["clip_ratio"]
+        1.04
+    """
+
+    def __init__(
+        self,
+        clip_ratio: float = 1.04,
+        beta: float = 0.99,
+        warmup_steps: int = 100,
+        *,
+        max_norm: Schedule = 1.0,
+        eps: float = 1e-6,
+        foreach: bool | None = None,
+    ) -> None:
+        self.clip_ratio = check_threshold("clip_ratio", clip_ratio, allow_inf=False)
+        self.beta = check_range("beta", beta, 0.0, 1.0, high_open=True)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        self.max_norm = check_schedule("max_norm", max_norm)
+        self.eps = check_threshold("eps", eps, allow_inf=False)
+        self.foreach = check_foreach(foreach)
+        self._cache_index: tuple[tuple[int, ...], Tensor] | None = None
+        self._cache_norms: tuple[ClipInputs, Tensor] | None = None
+
+    def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
+        return {
+            "gamma": torch.zeros(num_params, dtype=_state_dtype(norm), device=norm.device),
+            "initialized": torch.zeros(num_params, dtype=torch.bool, device=norm.device),
+            "steps": torch.zeros((), dtype=torch.int64, device=norm.device),
+        }
+
+    def _check_state(self, state: Mapping[str, Tensor]) -> None:
+        gamma = state["gamma"]
+        if gamma.dim() != 1:
+            raise ValueError(
+                f"AdaGC state['gamma'] must be 1-D, got shape {tuple(gamma.shape)}"
+            )
+        _check_shape("AdaGC", "initialized", state["initialized"], tuple(gamma.shape))
+        _check_shape("AdaGC", "steps", state["steps"], ())
+
+    def _grown(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
+        state = self._state_on(norm, num_params)
+        missing = num_params - state["gamma"].numel()
+        if missing > 0:  # parameter groups were added
+            state["gamma"] = torch.cat([state["gamma"], state["gamma"].new_zeros(missing)])
+            state["initialized"] = torch.cat(
+                [state["initialized"], state["initialized"].new_zeros(missing)]
+            )
+        return state
+
+    def _index(self, indices: tuple[int, ...], device: torch.device) -> Tensor:
+        cached = self._cache_index
+        if cached is None or cached[0] != indices or cached[1].device != device:
+            cached = (indices, torch.tensor(indices, dtype=torch.int64, device=device))
+            self._cache_index = cached
+        return cached[1]
+
+    def measure(self, inputs: ClipInputs) -> Tensor:
+        """Return the total L2 norm of the gradients (from per-tensor norms)."""
+        norms = F.tensor_norms(inputs.grads, 2.0, foreach=self.foreach)
+        self._cache_norms = (inputs, norms)
+        total: Tensor = torch.linalg.vector_norm(norms)
+        return total
+
+    def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Clip globally during warmup, then each tensor against its EMA."""
+        cached, self._cache_norms = self._cache_norms, None
+        if cached is not None and cached[0] is inputs:
+            norms = cached[1]
+        else:
+            norms = F.tensor_norms(inputs.grads, 2.0, foreach=self.foreach)
+        state = self._grown(norm, max(inputs.num_params, max(inputs.indices) + 1))
+        gamma, initialized, steps = state["gamma"], state["initialized"], state["steps"]
+        index = self._index(tuple(inputs.indices), norm.device)
+        usable = _usable(norm)
+        new_steps = steps + usable.to(steps.dtype)
+        warming = new_steps <= self.warmup_steps
+        cap = threshold_at("max_norm", self.max_norm, inputs.step)
+        m = norms.to(gamma.dtype)
+        n = norm.to(gamma.dtype)
+
+        # Warmup: global clipping; gamma is the running minimum of the clipped norms.
+        ratio = cap / (n + self.eps)
+        global_coef = torch.where(ratio < 1, ratio, torch.ones_like(ratio))
+        clipped_norms = m * global_coef
+        old = gamma.index_select(0, index)
+        known = initialized.index_select(0, index)
+        gamma_warm = torch.where(known, torch.minimum(old, clipped_norms), clipped_norms)
+
+        # After warmup: each tensor against ratio * gamma.
+        base = torch.where(known, old, m)
+        limit = self.clip_ratio * base
+        over = m > limit
+        tensor_coef = torch.where(over, limit / (m + self.eps), torch.ones_like(m))
+        gamma_after = self.beta * base + (1 - self.beta) * torch.where(over, limit, m)
+
+        coefs = torch.where(warming, global_coef.expand_as(m), tensor_coef)
+        F.scale_each_(inputs.grads, coefs.to(norm.dtype).unbind(), foreach=self.foreach)
+        take = usable & torch.isfinite(m) & (m > 0)
+        gamma.index_copy_(
+            0, index, torch.where(take, torch.where(warming, gamma_warm, gamma_after), old)
+        )
+        initialized.index_copy_(0, index, known | take)
+        state["steps"] = new_steps
+        post = torch.linalg.vector_norm(m * coefs)
+        total_coef = torch.where(n > 0, post / n, torch.ones_like(n)).to(norm.dtype)
+        threshold = torch.where(
+            warming, torch.full_like(n, cap), torch.linalg.vector_norm(limit)
+        ).to(norm.dtype)
+        return ClipResult(threshold, total_coef, (coefs < 1).any())
+
+
+@register_strategy("agc")
+class AGC(ClipStrategy):
+    r"""Adaptive gradient clipping: clip each unit relative to its weight's norm.
+
+    For every unit :math:`i` (a row along dim 0 of a parameter with 2+ dims, or a whole
+    parameter with fewer) with weight :math:`W_i` and gradient :math:`G_i`:
+
+    .. math::
+
+        G_i \leftarrow G_i \cdot
+        \frac{\lambda \max(\lVert W_i\rVert, \epsilon)}{\max(\lVert G_i\rVert, 10^{-6})}
+        \quad\text{if}\quad \lVert G_i\rVert \ge \lambda \max(\lVert W_i\rVert, \epsilon)
+
+    Same results as timm's ``adaptive_clip_grad`` on the same tensors, computed with one
+    batched norm per group of same-shaped tensors instead of a loop of small ops. The
+    paper does not clip the final classifier's weight: exclude it by parameter or by
+    name (names come from an optimizer built with ``model.named_parameters()``).
+
+    Args:
+        clipping: :math:`\lambda`, > 0 (a number or a schedule). 0.01 is the paper's
+            value for batch 4096 with SGD; larger batches want smaller values.
+        eps: :math:`\epsilon`, the smallest weight norm considered, > 0. A zero-initialised
+            bias thus gets a tiny threshold (:math:`\lambda\epsilon`).
+        exclude: Parameters (tensors) or parameter names left unclipped.
+        foreach: ``None`` uses the foreach kernels where the device supports them.
+
+    Raises:
+        TypeError: ``exclude`` holds something other than tensors and strings.
+
+    References:
+        Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image Recognition
+        Without Normalization", ICML 2021.
+
+    Example:
+        >>> import torch, clipopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        >>> sgd = torch.optim.SGD(model.named_parameters(), lr=0.1)
+        >>> opt = clipopt.ClippedOptimizer(sgd, "agc", clipping=0.01, exclude=["1.weight"])
+    """
+
+    def __init__(
+        self,
+        clipping: Schedule = 0.01,
+        eps: float = 1e-3,
+        *,
+        exclude: Iterable[Tensor | str] = (),
+        foreach: bool | None = None,
+    ) -> None:
+        self.clipping = check_schedule("clipping", clipping, allow_inf=False)
+        self.eps = check_threshold("eps", eps, allow_inf=False)
+        items = list(exclude) if not isinstance(exclude, (str, Tensor)) else [exclude]
+        bad = [x for x in items if not isinstance(x, (str, Tensor))]
+        if bad:
+            raise TypeError(
+                f"exclude must hold parameters (tensors) or names (str), got {bad[0]!r}"
+            )
+        self.exclude = items
+        self.foreach = check_foreach(foreach)
+        self._checked_names = False
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Return the constructor arguments (excluded parameters by name or shape)."""
+        shown = [
+            x if isinstance(x, str) else f"<tensor {tuple(x.shape)}>" for x in self.exclude
+        ]
+        return {
+            "clipping": self.clipping,
+            "eps": self.eps,
+            "exclude": shown,
+            "foreach": self.foreach,
+        }
+
+    def measure(self, inputs: ClipInputs) -> Tensor:
+        """Return the total L2 norm of the gradients."""
+        return F.total_norm(inputs.grads, 2.0, foreach=self.foreach)
+
+    def _included(self, inputs: ClipInputs) -> list[int]:
+        names = {x for x in self.exclude if isinstance(x, str)}
+        tensors = {id(x) for x in self.exclude if isinstance(x, Tensor)}
+        if names:
+            if inputs.names is None:
+                raise ValueError(
+                    "AGC excludes parameters by name, but the optimizer has no parameter "
+                    "names: build it from model.named_parameters(), or exclude the "
+                    "parameters themselves"
+                )
+            if not self._checked_names:
+                known = {n for g in inputs.groups for n in g.get("param_names", ())}
+                unknown = sorted(names - known)
+                if unknown:
+                    raise ValueError(
+                        f"AGC exclude names not found among the parameters: {unknown}"
+                    )
+                self._checked_names = True
+        return [
+            i
+            for i, p in enumerate(inputs.params)
+            if id(p) not in tensors
+            and (inputs.names is None or inputs.names[i] not in names)
+        ]
+
+    def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Clip each unit whose gradient norm reaches ``clipping`` x its weight norm."""
+        clipping = threshold_at("clipping", self.clipping, inputs.step)
+        included = self._included(inputs)
+        grads = [inputs.grads[i] for i in included]
+        params = [inputs.params[i].detach() for i in included]
+        coefs: list[Tensor] = [norm] * len(included)
+        post_sq: list[Tensor] = []
+        for positions, weight_norms, grad_norms in self._unit_norms(params, grads):
+            limit = weight_norms.clamp(min=self.eps) * clipping
+            coef = torch.where(
+                grad_norms < limit,
+                torch.ones_like(limit),
+                limit / grad_norms.clamp(min=1e-6),
+            )
+            post_sq.append((grad_norms * coef).square().sum().to(norm.device, norm.dtype))
+            parts = coef.unbind(0) if len(positions) > 1 else [coef.reshape(coef.shape[1:])]
+            for k, part in zip(positions, parts, strict=True):
+                coefs[k] = part
+        if grads:
+            F.scale_each_(grads, coefs, foreach=self.foreach)
+        kept = set(included)
+        excluded = [g for i, g in enumerate(inputs.grads) if i not in kept]
+        if excluded:
+            excluded_norms = F.tensor_norms(excluded, foreach=self.foreach)
+            post_sq.append(excluded_norms.square().sum().to(norm.device, norm.dtype))
+        post = torch.stack(post_sq).sum().sqrt() if post_sq else torch.zeros_like(norm)
+        total_coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
+        clipped = (
+            torch.stack([(c < 1).any() for c in coefs]).any()
+            if coefs
+            else torch.zeros_like(norm, dtype=torch.bool)
+        )
+        return ClipResult(torch.full_like(norm, clipping), total_coef, clipped)
+
+    @staticmethod
+    def _unit_norms(
+        params: list[Tensor], grads: list[Tensor]
+    ) -> list[tuple[list[int], Tensor, Tensor]]:
+        """Unit norms of weights and gradients, one batched op per same-shape group.
+
+        Returns (positions, weight norms, gradient norms) per group; with several tensors
+        in a group the norms have a leading dim over them.
+        """
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, g in enumerate(grads):
+            groups.setdefault(
+                (tuple(g.shape), g.dtype, g.device, params[i].dtype), []
+            ).append(i)
+        out = []
+        for (shape, *_), positions in groups.items():
+            if len(positions) == 1:
+                i = positions[0]
+                out.append(
+                    (positions, F.unit_norms(params[i])[None], F.unit_norms(grads[i])[None])
+                )
+                continue
+            weights = torch.stack([params[i] for i in positions])
+            gradients = torch.stack([grads[i] for i in positions])
+            dims = (
+                tuple(range(2, len(shape) + 1))
+                if len(shape) >= 2
+                else tuple(range(1, len(shape) + 1))
+            )
+            keep = len(shape) >= 2
+            out.append(
+                (
+                    positions,
+                    torch.linalg.vector_norm(weights, dim=dims, keepdim=keep),
+                    torch.linalg.vector_norm(gradients, dim=dims, keepdim=keep),
+                )
+            )
+        return out
+
+
+class Chain(ClipStrategy):
+    """Apply several strategies in turn, e.g. value clipping then norm clipping.
+
+    Each strategy measures the gradients as the previous one left them. The chain's
+    statistic is the first strategy's (so a non-finite gradient is detected before
+    anything changes), its threshold the last one's, its coefficient the product of the
+    coefficients, and it counts as clipped when any member clipped. State is saved per
+    member.
+
+    Args:
+        *strategies: Strategy objects or registered names (with default parameters).
+
+    Raises:
+        TypeError: A member is neither a strategy nor a name.
+        ValueError: No member, or an unknown name.
+
+    Example:
+        >>> import clipopt
+        >>> clipopt.Chain(clipopt.ValueClip(5.0), clipopt.NormClip(1.0))
+        Chain(ValueClip(clip_value=5.0, scope='global', foreach=None), NormClip(max_norm=1.0, norm_type=2.0, scope='global', foreach=None))
+    """  # noqa: E501
+
+    def __init__(self, *strategies: ClipStrategy | str) -> None:
+        if not strategies:
+            raise ValueError("Chain needs at least one strategy, got none")
+        members: list[ClipStrategy] = []
+        for s in strategies:
+            if isinstance(s, str):
+                members.append(get_strategy(s))
+            elif isinstance(s, ClipStrategy):
+                members.append(s)
+            else:
+                raise TypeError(
+                    f"Chain members must be strategies or registered names, got {s!r}"
+                )
+        self.strategies = tuple(members)
+
+    def measure(self, inputs: ClipInputs) -> Tensor:
+        """Return the first strategy's statistic."""
+        return self.strategies[0].measure(inputs)
+
+    def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Clip with each strategy in turn."""
+        results = []
+        for i, strategy in enumerate(self.strategies):
+            measured = norm if i == 0 else strategy.measure(inputs)
+            results.append(strategy.clip_(inputs, measured))
+        coef = results[0].coef
+        clipped = results[0].clipped
+        for r in results[1:]:
+            coef = coef * r.coef.to(coef.device)
+            clipped = clipped | r.clipped.to(clipped.device)
+        return ClipResult(results[-1].threshold, coef, clipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return each member's state under its position ("0", "1", ...)."""
+        return {str(i): s.state_dict() for i, s in enumerate(self.strategies)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore each member's state; checks every member before changing any.
+
+        Raises:
+            ValueError: The keys or a member's state do not fit.
+        """
+        if not state_dict:
+            self.reset()
+            return
+        expected = {str(i) for i in range(len(self.strategies))}
+        if set(state_dict) != expected:
+            raise ValueError(
+                f"Chain state needs keys {sorted(expected)}, got {sorted(state_dict)}"
+            )
+        for i, s in enumerate(self.strategies):
+            copy.deepcopy(s).load_state_dict(state_dict[str(i)])
+        for i, s in enumerate(self.strategies):
+            s.load_state_dict(state_dict[str(i)])
+
+    def reset(self) -> None:
+        """Reset every member."""
+        for s in self.strategies:
+            s.reset()
+
+    def __repr__(self) -> str:
+        return f"Chain({', '.join(map(repr, self.strategies))})"

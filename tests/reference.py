@@ -1,0 +1,166 @@
+"""Slow, obvious reference implementations of the published rules, to test against.
+
+Written here from the papers and the reference code's documented behaviour (see
+../shared/research/anchors-clipping.md, section 4); none of them shares code with clipopt.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def global_norm(grads):
+    return math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+
+
+def scale(grads, factor):
+    for g in grads:
+        g.mul_(factor)
+
+
+class AutoClipPaper:
+    """Seetharaman et al. 2020, Algorithm 1: clip to the p-th percentile of past norms."""
+
+    def __init__(self, percentile, window=None):
+        self.p, self.window, self.history = percentile, window, []
+
+    def step(self, grads):
+        n = global_norm(grads)
+        self.history.append(n)
+        if self.window:
+            self.history = self.history[-self.window :]
+        threshold = float(np.percentile(self.history, self.p))
+        scale(grads, min(1.0, threshold / (n + 1e-6)))
+        return threshold
+
+
+class AutoClipPackage:
+    """`autoclip` 0.2.1 QuantileClip(global_threshold=True): past norms only."""
+
+    def __init__(self, quantile, history_length=1000):
+        self.q, self.length, self.history = quantile, history_length, []
+
+    def step(self, grads):
+        n = global_norm(grads)
+        threshold = (
+            math.inf if not self.history else float(np.quantile(self.history, self.q))
+        )
+        scale(grads, min(1.0, threshold / (n + 1e-6)))
+        self.history = ([*self.history, n])[-self.length :]
+        return threshold
+
+
+class ZClipReference:
+    """zclip 1.0.0 (`zclip/zclip.py`), with plain Python floats as in the original."""
+
+    def __init__(
+        self,
+        alpha=0.97,
+        z_thresh=2.5,
+        max_grad_norm=None,
+        eps=1e-6,
+        warmup_steps=25,
+        mode="zscore",
+        clip_option="adaptive_scaling",
+        clip_factor=1.0,
+        skip_update_on_spike=False,
+    ):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+        self.buffer, self.initialized, self.mean, self.var = [], False, None, None
+
+    def _clip_to(self, grads, n, limit):
+        if n > limit:
+            scale(grads, limit / (n + 1e-6))
+
+    def step(self, grads):
+        n = global_norm(grads)
+        if not self.initialized:
+            self.buffer.append(n)
+            if len(self.buffer) >= self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+                self.initialized = True
+            if self.max_grad_norm is not None:
+                scale(grads, min(1.0, self.max_grad_norm / (n + 1e-6)))
+            return n
+        std = self.var**0.5
+        clip = None
+        if self.mode == "percentile":
+            if n > self.mean + self.z_thresh * std:
+                clip = self.mean + self.z_thresh * std
+        else:
+            z = (n - self.mean) / (std + self.eps)
+            if z > self.z_thresh:
+                if self.clip_option == "adaptive_scaling":
+                    clip = (
+                        self.mean + (self.z_thresh * std) / (z / self.z_thresh)
+                    ) * self.clip_factor
+                else:
+                    clip = self.mean
+        effective = clip if clip is not None else n
+        if self.max_grad_norm is not None:
+            effective = min(effective, self.max_grad_norm)
+        self._clip_to(grads, n, effective)
+        if clip is not None and self.skip_update_on_spike:
+            return n
+        x = clip if clip is not None else n
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+        self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+        return n
+
+
+def timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3):
+    """timm.utils.agc.adaptive_clip_grad, one parameter at a time."""
+
+    def unitwise(x):
+        if x.ndim <= 1:
+            return x.norm(2.0)
+        return x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+    for p in parameters:
+        if p.grad is None:
+            continue
+        w, g = p.detach(), p.grad.detach()
+        limit = unitwise(w).clamp_(min=eps).mul_(clip_factor)
+        gn = unitwise(g)
+        clipped = g * (limit / gn.clamp(min=1e-6))
+        p.grad.detach().copy_(torch.where(gn < limit, g, clipped))
+
+
+class AdaGCReference:
+    """AdaGC's official Megatron semantics, one tensor at a time, with Python floats."""
+
+    def __init__(
+        self, clip_ratio=1.04, beta=0.99, warmup_steps=100, max_norm=1.0, eps=1e-6
+    ):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+        self.steps, self.gamma = 0, {}
+
+    def step(self, params):
+        grads = [p.grad for p in params if p.grad is not None]
+        n = global_norm(grads)
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            if self.max_norm / (n + self.eps) < 1:
+                scale(grads, self.max_norm / (n + self.eps))
+            for i, p in enumerate(params):
+                if p.grad is None:
+                    continue
+                m = float(p.grad.double().norm())
+                self.gamma[i] = m if i not in self.gamma else min(self.gamma[i], m)
+            return n
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            m = float(p.grad.double().norm())
+            gamma = self.gamma.get(i, m)
+            if m > self.clip_ratio * gamma:
+                p.grad.mul_(self.clip_ratio * gamma / (m + self.eps))
+                m = self.clip_ratio * gamma
+            self.gamma[i] = self.beta * gamma + (1 - self.beta) * m
+        return n
