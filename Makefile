@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clipopt-installed
 
-.PHONY: setup test lint typecheck pytest docs demo clean
+.PHONY: setup test lint typecheck pytest docs demo plots clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ test: lint typecheck pytest docs
 
 demo: setup
 	$(BIN)/python examples/quickstart.py
+
+plots: setup
+	$(BIN)/python docs/make_plots.py
 
 
 clean:

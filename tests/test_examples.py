@@ -16,3 +16,12 @@ def test_quickstart_resumes_bitwise_and_clips():
     assert result["resume_identical"] == 1.0
     assert 0 < result["clip_rate"] <= 1
     assert result["skipped_steps"] == 0
+
+
+def test_adaptive_strategies_all_beat_no_clipping():
+    results = _load("adaptive_strategies").main(steps=150, verbose=False)
+    baseline, rate = results.pop("none")
+    assert rate == 0.0
+    for name, (loss, clip_rate) in results.items():
+        assert loss < baseline / 5, name
+        assert clip_rate > 0, name
