@@ -57,6 +57,16 @@ def test_every_public_class_and_function_is_in_the_api_reference():
             assert f"::: clipopt.{name}" in api, name
 
 
+def test_tuning_public_symbols_are_documented():
+    import clipopt.tuning as ct
+
+    for name in ct.__all__:
+        obj = getattr(ct, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__doc__, name
+    assert "::: clipopt.tuning" in (DOCS / "api.md").read_text()
+
+
 def test_import_does_not_import_optuna():
     code = "import sys, clipopt; print('optuna' in sys.modules)"
     out = subprocess.run(
