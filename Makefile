@@ -33,7 +33,7 @@ docs: setup
 test: lint typecheck pytest docs
 
 demo: setup
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/tune_max_norm.py
 
 plots: setup
 	$(BIN)/python docs/make_plots.py

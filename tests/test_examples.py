@@ -25,3 +25,24 @@ def test_adaptive_strategies_all_beat_no_clipping():
     for name, (loss, clip_rate) in results.items():
         assert loss < baseline / 5, name
         assert clip_rate > 0, name
+
+
+def test_tune_max_norm_demo_runs_and_resumes(tmp_path):
+    demo = _load("tune_max_norm")
+    kwargs = dict(
+        steps=30,
+        storage=f"sqlite:///{tmp_path / 'demo.db'}",
+        plots=str(tmp_path / "plots"),
+        probe_steps=10,
+        verbose=False,
+    )
+    first = demo.main(trials=4, **kwargs)
+    assert sum(first.counts.values()) == 4
+    assert {b.label for b in first.baselines} == {
+        "no clipping",
+        "max_norm=1.0",
+        "percentile=10",
+    }
+    again = demo.main(trials=2, **kwargs)  # the same study, resumed
+    assert sum(again.counts.values()) == 6
+    assert (tmp_path / "plots" / "objective_vs_threshold.png").exists()
