@@ -42,7 +42,7 @@ def _state_dtype(norm: Tensor) -> torch.dtype:
 
 def _usable(norm: Tensor) -> Tensor:
     """Whether a statistic may enter the state: finite and > 0."""
-    return torch.isfinite(norm) & (norm > 0)
+    return F.finite(norm) & (norm > 0)
 
 
 class _Stateful(ClipStrategy):
@@ -184,26 +184,79 @@ class PercentileClip(_Stateful):
         """Return the total ``norm_type``-norm of the gradients."""
         return F.total_norm(inputs.grads, self.norm_type, foreach=self.foreach)
 
-    def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
-        """Record the norm, then clip to the percentile of the history."""
+    def supports_coefficient(self) -> bool:
+        """True: one factor for all gradients."""
+        return True
+
+    def reset(self) -> None:
+        """Forget all state."""
+        super().reset()
+        self._cache_sorted: Tensor | None = None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore state saved by :meth:`state_dict`; ``{}`` resets."""
+        super().load_state_dict(state_dict)
+        self._cache_sorted = None
+
+    def _sorted(self, history: Tensor) -> Tensor:
+        """The window in ascending order, empty slots (NaN in history) last as inf.
+
+        Kept up to date by insertion and eviction; sorted from scratch only after a
+        load, a reset or a device move.
+        """
+        cached = getattr(self, "_cache_sorted", None)
+        if cached is None or cached.device != history.device:
+            cached = torch.sort(history.nan_to_num(nan=math.inf)).values
+        return cached
+
+    def clip_coefficient(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Record the norm and return the factor that clips to the percentile."""
         state = self._state_on(norm)
         history, count = state["history"], state["count"]
+        ordered = self._sorted(history)
         usable = _usable(norm)
+        n = norm.to(history.dtype)
+        slots = self._slots(self.window, norm.device)
         slot = torch.remainder(count, self.window)
-        write = (self._slots(self.window, norm.device) == slot) & usable
-        new_history = torch.where(write, norm.to(history.dtype), history)
+        evicted = history.gather(0, slot.reshape(1)).nan_to_num(nan=math.inf)
+        inf = ordered.new_full((), math.inf)
+        last = self.window - 1
+        # Shifts by one rank as gathers: torch.cat has no kernel for fake CUDA tensors.
+        left = ordered.gather(0, (slots + 1).clamp(max=last))
+        # Evict the value the ring overwrites (an inf while the window fills) ... The rank
+        # of a value in the sorted window is the count of smaller entries (searchsorted
+        # would do, but has no kernel for the fake CUDA tensors of the sync-free tests).
+        at = (ordered < evicted).sum()
+        shrunk = torch.where(slots >= at, torch.where(slots == last, inf, left), ordered)
+        # ... and insert the new norm at its rank: one elementwise pass each, no sort.
+        at = (shrunk < n).sum()
+        grown = torch.where(
+            slots < at,
+            shrunk,
+            torch.where(slots == at, n, shrunk.gather(0, (slots - 1).clamp(min=0))),
+        )
+        new_ordered = torch.where(usable, grown, ordered)
+        new_history = torch.where((slots == slot) & usable, n, history)
         new_count = count + usable.to(count.dtype)
         if self.include_current:
-            threshold = F.percentile(
-                new_history, new_count.clamp(max=self.window), self.percentile
+            threshold = F.percentile_sorted(
+                new_ordered, new_count.clamp(max=self.window), self.percentile
             )
         else:
-            threshold = F.percentile(history, count.clamp(max=self.window), self.percentile)
+            threshold = F.percentile_sorted(
+                ordered, count.clamp(max=self.window), self.percentile
+            )
         threshold = threshold.to(norm.dtype)
-        coef = F.clip_coef(norm, threshold)
-        F.scale_(inputs.grads, coef, foreach=self.foreach)
         state["history"], state["count"] = new_history, new_count
+        self._cache_sorted = new_ordered
+        coef = F.clip_coef(norm, threshold)
         return ClipResult(threshold, coef, norm > threshold)
+
+    def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Record the norm, then clip to the percentile of the history."""
+        result = self.clip_coefficient(inputs, norm)
+        F.scale_(inputs.grads, result.coef, foreach=self.foreach)
+        return result
 
 
 @register_strategy("zscore")
@@ -301,8 +354,18 @@ class ZScoreClip(_Stateful):
         """Return the total L2 norm of the gradients."""
         return F.total_norm(inputs.grads, 2.0, foreach=self.foreach)
 
+    def supports_coefficient(self) -> bool:
+        """True: one factor for all gradients."""
+        return True
+
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Detect a spike against the EMAs, clip it, and update the EMAs."""
+        result = self.clip_coefficient(inputs, norm)
+        F.scale_(inputs.grads, result.coef, foreach=self.foreach)
+        return result
+
+    def clip_coefficient(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Detect a spike, update the EMAs, and return the clipping factor."""
         state = self._state_on(norm)
         buffer, count, mean, var = (
             state["buffer"],
@@ -347,14 +410,13 @@ class ZScoreClip(_Stateful):
         coef_after = torch.where(n > effective, effective / (n + 1e-6), torch.ones_like(n))
         coef_warmup = torch.ones_like(n) if math.isinf(cap) else F.clip_coef(n, cap)
         coef = torch.where(warming, coef_warmup, coef_after).to(norm.dtype)
-        F.scale_(inputs.grads, coef, foreach=self.foreach)
 
         x = torch.where(spike, adaptive, n)
         ema_mean = self.alpha * mean + (1 - self.alpha) * x
         ema_var = self.alpha * var + (1 - self.alpha) * (x - ema_mean).square()
-        update = usable & ~warming
+        update = usable & torch.logical_not(warming)
         if self.skip_update_on_spike:
-            update = update & ~spike
+            update = update & torch.logical_not(spike)
         state["buffer"], state["count"] = new_buffer, new_count
         state["mean"] = torch.where(
             initialising, buffer_mean, torch.where(update, ema_mean, mean)
@@ -506,7 +568,7 @@ class AdaGC(_Stateful):
 
         coefs = torch.where(warming, global_coef.expand_as(m), tensor_coef)
         F.scale_each_(inputs.grads, coefs.to(norm.dtype).unbind(), foreach=self.foreach)
-        take = usable & torch.isfinite(m) & (m > 0)
+        take = usable & F.finite(m) & (m > 0)
         gamma.index_copy_(
             0, index, torch.where(take, torch.where(warming, gamma_warm, gamma_after), old)
         )

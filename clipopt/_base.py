@@ -158,6 +158,23 @@ class ClipStrategy(ABC):
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Clip ``inputs.grads`` in place given ``norm`` from :meth:`measure`."""
 
+    def supports_coefficient(self) -> bool:
+        """Whether this strategy clips by one factor that :meth:`clip_coefficient` returns.
+
+        Such strategies let ``ClippedOptimizer`` hand the factor to a fused optimizer
+        kernel (``grad_scale``) instead of scaling the gradients in a separate pass.
+        """
+        return False
+
+    def clip_coefficient(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Like :meth:`clip_`, but leave the gradients alone and only return the factor.
+
+        Called instead of :meth:`clip_` (never both in one step), and only when
+        :meth:`supports_coefficient` is True; it updates the state as :meth:`clip_`
+        does.
+        """
+        raise NotImplementedError(f"{type(self).__name__} clips by more than one factor")
+
     def state_dict(self) -> dict[str, Any]:
         """Return the strategy's state (tensors and plain numbers); empty if stateless."""
         return {}

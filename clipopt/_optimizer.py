@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast, overload
 
 import torch
@@ -25,8 +27,36 @@ _POLICIES: tuple[str, ...] = ("skip", "error", "zero", "propagate")
 #: Top-level key of ``state_dict()`` that holds clipopt's own state.
 STATE_KEY = "clipopt"
 _STATE_VERSION = 1
-_COUNTERS = ("steps", "skipped_steps", "clipped_steps", "nonfinite_steps")
+_COUNTERS = ("calls", "schedule_step", "skipped_steps", "clipped_steps", "nonfinite_steps")
+_MISSING = object()
 _H = TypeVar("_H", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The parameters of all groups, in order, with their group and name."""
+
+    groups: list[dict[str, Any]]
+    lists: tuple[tuple[list[Tensor], int], ...]
+    params: tuple[Tensor, ...]
+    group_index: tuple[int, ...]
+    names: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class _FusedPlan:
+    """What a fused optimizer kernel receives instead of a separate scaling pass."""
+
+    grad_scale: Tensor
+    found_inf: Tensor | None
+
+
+class _Skip:
+    """The step must be skipped (decided on the host)."""
+
+
+_SKIP = _Skip()
+_Plan = _FusedPlan | _Skip | None
 
 
 class _SkipStep(Exception):  # noqa: N818  (control flow, never escapes step())
@@ -112,10 +142,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
     strategy: ClipStrategy
     nonfinite: NonfinitePolicy
     last_stats: ClipStats | None
-    _steps: int
-    _skipped_steps: int
-    _clipped_steps: Tensor
-    _nonfinite_steps: Tensor
+    _calls: int
+    _host_skips: int
+    _counts: Tensor
+    _layout: _Layout | None
 
     def __init__(
         self,
@@ -158,6 +188,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.last_stats = None
         self._closure_required = _closure_required(optimizer)
+        self._layout = None
         self._reset_counters()
         # Optimizer.__init__ would rebuild param_groups and state through the properties
         # below and wipe the wrapped optimizer's state. __setstate__ is torch's own way
@@ -215,14 +246,52 @@ class ClippedOptimizer(torch.optim.Optimizer):
             The closure's loss, or None without a closure.
         """
         if closure is None:
-            if self._clip():
-                self.optimizer.step()
+            plan = self._clip()
+            if plan is not _SKIP:
+                with self._fused(plan):
+                    self.optimizer.step()
             return None
         return self._step_with_closure(closure)
 
     # Step hooks registered on the wrapper are forwarded to the wrapped optimizer, whose
     # patched step() runs them (and the global hooks) exactly once per step.
     step.hooked = True  # type: ignore[attr-defined]
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether GradScaler may hand us scaled gradients (fused path only).
+
+        Only with a fused wrapped optimizer and a single-factor strategy: the norm of the
+        scaled gradients is divided by the scale, and the kernel receives one combined
+        ``grad_scale`` and the scaler's ``found_inf``. Otherwise the scaler unscales
+        first, as for any optimizer.
+        """
+        return self._fused_capable()
+
+    def _fused_capable(self) -> bool:
+        return (
+            bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+            and self.strategy.supports_coefficient()
+        )
+
+    @contextlib.contextmanager
+    def _fused(self, plan: _Plan) -> Iterator[None]:
+        """Hand the clipping factor (and found_inf) to a fused optimizer's kernel."""
+        if not isinstance(plan, _FusedPlan):
+            yield
+            return
+        inner = self.optimizer
+        saved = {k: inner.__dict__.get(k, _MISSING) for k in ("grad_scale", "found_inf")}
+        inner.grad_scale = plan.grad_scale  # type: ignore[attr-defined]
+        inner.found_inf = plan.found_inf  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is _MISSING:
+                    inner.__dict__.pop(key, None)
+                else:
+                    inner.__dict__[key] = value
 
     def _step_with_closure(self, closure: Callable[[], float]) -> float:
         evaluations = 0
@@ -231,14 +300,21 @@ class ClippedOptimizer(torch.optim.Optimizer):
             if self._closure_required and self.nonfinite == "skip"
             else None
         )
+        plans: list[_Plan] = []
 
         def clipped_closure() -> float:
             nonlocal evaluations
             with torch.enable_grad():
                 loss = closure()
             evaluations += 1
-            if not self._clip():
+            plan = self._clip()
+            if plan is _SKIP:
                 raise _SkipStep(loss)
+            if isinstance(plan, _FusedPlan):
+                # The optimizer reads grad_scale/found_inf after calling the closure.
+                plans.append(plan)
+                self.optimizer.grad_scale = plan.grad_scale  # type: ignore[attr-defined]
+                self.optimizer.found_inf = plan.found_inf  # type: ignore[attr-defined]
             return loss
 
         try:
@@ -257,13 +333,17 @@ class ClippedOptimizer(torch.optim.Optimizer):
                     ) from None
                 self._restore(snapshot)
             return cast(float, skip.loss)
+        finally:
+            if plans:
+                self.optimizer.__dict__.pop("grad_scale", None)
+                self.optimizer.__dict__.pop("found_inf", None)
 
     def _snapshot(self) -> dict[str, Any]:
         return {
             "params": [p.detach().clone() for g in self.param_groups for p in g["params"]],
             "state": {p: copy.deepcopy(s) for p, s in self.optimizer.state.items()},
             "strategy": copy.deepcopy(self.strategy.state_dict()),
-            "counters": self._counters(),
+            "counters": self._counter_state(),
             "last_stats": self.last_stats,
         }
 
@@ -276,108 +356,199 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.optimizer.state.update(snapshot["state"])
         self.strategy.load_state_dict(snapshot["strategy"])
         self._load_counters(snapshot["counters"])
-        self._skipped_steps += 1
+        self._calls += 1
+        self._host_skips += 1
+        self._counts = self._counts + torch.tensor([1, 0, 1], device=self._counts.device)
         self.last_stats = snapshot["last_stats"]
 
-    def _inputs(self) -> ClipInputs | None:
-        """Collect the parameters with a gradient and where they sit; None if none."""
+    def _layout_for(self) -> _Layout:
+        """The parameters and where they sit, rebuilt only when the groups change."""
+        groups = self.optimizer.param_groups
+        layout = self._layout
+        if (
+            layout is not None
+            and layout.groups is groups
+            and len(layout.lists) == len(groups)
+            and all(
+                lst is g["params"] and len(lst) == n
+                for (lst, n), g in zip(layout.lists, groups, strict=True)
+            )
+        ):
+            return layout
         params: list[Tensor] = []
-        grads: list[Tensor] = []
-        indices: list[int] = []
         group_index: list[int] = []
         names: list[str | None] = []
-        position = 0
-        groups = self.optimizer.param_groups
         for g, group in enumerate(groups):
             group_names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is not None:
-                    if grad.is_sparse:
-                        raise RuntimeError(
-                            "clipopt does not support sparse gradients (a parameter of "
-                            f"shape {tuple(p.shape)} has one); clip them before a sparse "
-                            "optimizer"
-                        )
-                    params.append(p)
-                    grads.append(grad)
-                    indices.append(position)
-                    group_index.append(g)
-                    names.append(None if group_names is None else group_names[i])
-                position += 1
-        if not grads:
+                params.append(p)
+                group_index.append(g)
+                names.append(None if group_names is None else group_names[i])
+        layout = _Layout(
+            groups=groups,
+            lists=tuple((g["params"], len(g["params"])) for g in groups),
+            params=tuple(params),
+            group_index=tuple(group_index),
+            names=None if None in names else tuple(cast(list[str], names)),
+        )
+        self._layout = layout
+        self._sparse_checked = False
+        return layout
+
+    def _inputs(self) -> ClipInputs | None:
+        """Collect the parameters with a gradient and where they sit; None if none."""
+        layout = self._layout_for()
+        grads = [p.grad for p in layout.params]
+        step = self._calls - self._host_skips
+        missing = [i for i, g in enumerate(grads) if g is None]
+        if not missing and self._sparse_checked:
+            return ClipInputs(
+                layout.params,
+                cast(list[Tensor], grads),
+                step,
+                range(len(grads)),
+                len(grads),
+                layout.group_index,
+                layout.groups,
+                layout.names,
+            )
+        keep = [i for i, g in enumerate(grads) if g is not None]
+        if not keep:
             return None
-        known = None if None in names else cast(list[str], names)
+        for i in keep:
+            if cast(Tensor, grads[i]).is_sparse:
+                raise RuntimeError(
+                    "clipopt does not support sparse gradients (a parameter of shape "
+                    f"{tuple(layout.params[i].shape)} has one); clip them before a "
+                    "sparse optimizer"
+                )
+        self._sparse_checked = not missing
+        names = layout.names
         return ClipInputs(
-            params, grads, self._steps, indices, position, group_index, groups, known
+            [layout.params[i] for i in keep],
+            [cast(Tensor, grads[i]) for i in keep],
+            step,
+            keep,
+            len(grads),
+            [layout.group_index[i] for i in keep],
+            layout.groups,
+            None if names is None else [names[i] for i in keep],
         )
 
     @torch.no_grad()
-    def _clip(self) -> bool:
-        """Clip in place; return False when the inner step must be skipped."""
+    def _clip(self) -> _Plan:
+        """Clip (or plan a fused clip); return _SKIP when the step must be skipped."""
         inputs = self._inputs()
         if inputs is None:
-            return True
+            return None
         grads = inputs.grads
+        amp_scale: Tensor | None = self.__dict__.get("grad_scale")  # set by GradScaler
+        amp_found: Tensor | None = self.__dict__.get("found_inf")
+        fused = self._fused_capable()
         if self.nonfinite == "zero":
-            nonfinite = ~torch.isfinite(self.strategy.measure(inputs))
+            nonfinite = torch.logical_not(F.finite(self.strategy.measure(inputs)))
             F.nonfinite_to_zero_(grads)
             norm = self.strategy.measure(inputs)
         else:
             norm = self.strategy.measure(inputs)
-            nonfinite = ~torch.isfinite(norm)
-            # The one host read of the "skip" and "error" policies: whether to step at
-            # all is a Python decision.
-            if self.nonfinite in ("skip", "error") and bool(nonfinite):
-                if self.nonfinite == "error":
-                    raise RuntimeError(
-                        f"non-finite gradients: the pre-clip statistic of "
-                        f"{self.strategy!r} is {float(norm)}; nothing was changed "
-                        "(nonfinite='error')"
-                    )
-                self._skipped_steps += 1
-                self.last_stats = ClipStats(
-                    norm,
-                    torch.full_like(norm, math.nan),
-                    torch.zeros_like(norm),
-                    torch.zeros_like(nonfinite),
-                    nonfinite,
+            nonfinite = torch.logical_not(F.finite(norm))
+        if amp_scale is not None:  # the gradients are scaled: so is their norm
+            norm = norm / amp_scale.to(norm.device, norm.dtype)
+        if amp_found is not None:
+            nonfinite = nonfinite | (amp_found.to(nonfinite.device) > 0)
+        # The one host read of "skip" (unless a fused kernel skips for us) and "error":
+        # whether to step at all is then a Python decision.
+        host_decides = self.nonfinite == "error" or (self.nonfinite == "skip" and not fused)
+        if host_decides and bool(nonfinite):
+            if self.nonfinite == "error":
+                raise RuntimeError(
+                    f"non-finite gradients: the pre-clip statistic of "
+                    f"{self.strategy!r} is {float(norm)}; nothing was changed "
+                    "(nonfinite='error')"
                 )
-                return False
-        result = self.strategy.clip_(inputs, norm)
-        self._steps += 1
-        device = norm.device
-        if self._clipped_steps.device != device:
-            self._clipped_steps = self._clipped_steps.to(device)
-            self._nonfinite_steps = self._nonfinite_steps.to(device)
-        self._clipped_steps += result.clipped
-        self._nonfinite_steps += nonfinite
-        self.last_stats = ClipStats(
-            norm, result.threshold, result.coef, result.clipped, nonfinite
+            self._calls += 1
+            self._host_skips += 1
+            self._count(
+                norm, torch.ones_like(nonfinite), torch.zeros_like(nonfinite), nonfinite
+            )
+            self.last_stats = ClipStats(
+                norm,
+                torch.full_like(norm, math.nan),
+                torch.zeros_like(norm),
+                torch.zeros_like(nonfinite),
+                nonfinite,
+            )
+            return _SKIP
+        self._calls += 1
+        if fused:
+            result = self.strategy.clip_coefficient(inputs, norm)
+            skipped = nonfinite if self.nonfinite == "skip" else None
+            if amp_found is not None:
+                found = amp_found.to(nonfinite.device) > 0
+                skipped = found if skipped is None else skipped | found
+            device = grads[0].device
+            grad_scale = (1.0 / result.coef).to(device, torch.float32)
+            if amp_scale is not None:
+                grad_scale = grad_scale * amp_scale.to(device, torch.float32)
+            plan: _Plan = _FusedPlan(
+                grad_scale,
+                None if skipped is None else skipped.to(device, torch.float32),
+            )
+        else:
+            result = self.strategy.clip_(inputs, norm)
+            skipped = None
+            plan = None
+        threshold, coef, clipped = result
+        if skipped is not None:
+            threshold = torch.where(
+                skipped, torch.full_like(threshold, math.nan), threshold
+            )
+            coef = torch.where(skipped, torch.zeros_like(coef), coef)
+            clipped = clipped & torch.logical_not(skipped)
+        self._count(
+            norm,
+            torch.zeros_like(nonfinite) if skipped is None else skipped,
+            clipped,
+            nonfinite,
         )
-        return True
+        self.last_stats = ClipStats(norm, threshold, coef, clipped, nonfinite)
+        return plan
 
     # -- counters ------------------------------------------------------------------------
+    # Calls are counted on the host; skipped, clipped and non-finite steps in one small
+    # device tensor, so counting never reads the device.
+
+    def _count(
+        self, norm: Tensor, skipped: Tensor, clipped: Tensor, nonfinite: Tensor
+    ) -> None:
+        if self._counts.device != norm.device:
+            self._counts = self._counts.to(norm.device)
+        flags = torch.stack(
+            [skipped, clipped.to(skipped.device), nonfinite.to(skipped.device)]
+        )
+        self._counts = self._counts + flags.to(self._counts.device, torch.int64)
 
     def _reset_counters(self) -> None:
-        self._steps = 0
-        self._skipped_steps = 0
-        self._clipped_steps = torch.zeros((), dtype=torch.int64)
-        self._nonfinite_steps = torch.zeros((), dtype=torch.int64)
+        self._calls = 0
+        self._host_skips = 0
+        self._counts = torch.zeros(3, dtype=torch.int64)
 
-    def _counters(self) -> dict[str, int | Tensor]:
+    def _counter_state(self) -> dict[str, int | Tensor]:
+        skipped, clipped, nonfinite = self._counts.clone().unbind()
         return {
-            "steps": self._steps,
-            "skipped_steps": self._skipped_steps,
-            "clipped_steps": self._clipped_steps.clone(),
-            "nonfinite_steps": self._nonfinite_steps.clone(),
+            "calls": self._calls,
+            "schedule_step": self._calls - self._host_skips,
+            "skipped_steps": skipped,
+            "clipped_steps": clipped,
+            "nonfinite_steps": nonfinite,
         }
 
     def _load_counters(self, counters: Mapping[str, Any]) -> None:
-        self._steps = int(counters["steps"])
-        self._skipped_steps = int(counters["skipped_steps"])
-        self._clipped_steps = torch.as_tensor(counters["clipped_steps"]).clone()
-        self._nonfinite_steps = torch.as_tensor(counters["nonfinite_steps"]).clone()
+        self._calls = int(counters["calls"])
+        self._host_skips = self._calls - int(counters["schedule_step"])
+        self._counts = torch.stack(
+            [torch.as_tensor(counters[k]).to(torch.int64) for k in _COUNTERS[2:]]
+        ).clone()
 
     def counts(self) -> dict[str, int]:
         """Return the running counts as plain ints (reads the device once).
@@ -388,14 +559,12 @@ class ClippedOptimizer(torch.optim.Optimizer):
         (skipped or not). The clip rate is ``clipped_steps / steps``. The counts are
         saved in ``state_dict()``, so they survive a resume.
         """
-        device_counts = torch.stack(
-            [self._clipped_steps, self._nonfinite_steps.to(self._clipped_steps.device)]
-        ).tolist()
+        skipped, clipped, nonfinite = (int(v) for v in self._counts.tolist())
         return {
-            "steps": self._steps,
-            "skipped_steps": self._skipped_steps,
-            "clipped_steps": int(device_counts[0]),
-            "nonfinite_steps": int(device_counts[1]),
+            "steps": self._calls - skipped,
+            "skipped_steps": skipped,
+            "clipped_steps": clipped,
+            "nonfinite_steps": nonfinite,
         }
 
     # -- delegation ----------------------------------------------------------------------
@@ -469,7 +638,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         state_dict[STATE_KEY] = {
             "version": _STATE_VERSION,
             "strategy": self.strategy.state_dict(),
-            **self._counters(),
+            **self._counter_state(),
         }
         return state_dict
 
@@ -535,15 +704,15 @@ class ClippedOptimizer(torch.optim.Optimizer):
             "nonfinite",
             "last_stats",
             "_closure_required",
-            "_steps",
-            "_skipped_steps",
-            "_clipped_steps",
-            "_nonfinite_steps",
+            "_calls",
+            "_host_skips",
+            "_counts",
         )
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._layout = None
         super().__setstate__({})
 
     def __repr__(self) -> str:

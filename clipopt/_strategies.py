@@ -143,18 +143,32 @@ class NormClip(ClipStrategy):
         total: Tensor = torch.linalg.vector_norm(norms, self.norm_type)
         return total
 
+    def supports_coefficient(self) -> bool:
+        """True for the global scope: one factor for all gradients."""
+        return self.scope == "global"
+
+    def clip_coefficient(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
+        """Return ``min(1, max_norm / (norm + 1e-6))`` (global scope)."""
+        return self._global(threshold_at("max_norm", self.max_norm, inputs.step), norm)
+
+    @staticmethod
+    def _global(max_norm: float, norm: Tensor) -> ClipResult:
+        threshold = torch.full_like(norm, max_norm)
+        # "never clip" must not compute inf / inf = NaN for an overflowing norm.
+        coef = (
+            torch.ones_like(norm) if math.isinf(max_norm) else F.clip_coef(norm, max_norm)
+        )
+        return ClipResult(threshold, coef, coef < 1.0)
+
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Scale the gradients by ``min(1, max_norm / (norm + 1e-6))`` per scope."""
         max_norm = threshold_at("max_norm", self.max_norm, inputs.step)
-        threshold = torch.full_like(norm, max_norm)
         if self.scope == "global":
-            if math.isinf(max_norm):
-                # "never clip": no pass over the gradients, and no inf / inf = NaN.
-                coef = torch.ones_like(norm)
-            else:
-                coef = F.clip_coef(norm, max_norm)
-                F.scale_(inputs.grads, coef, foreach=self.foreach)
-            return ClipResult(threshold, coef, coef < 1.0)
+            result = self._global(max_norm, norm)
+            if not math.isinf(max_norm):  # "never clip" skips the pass
+                F.scale_(inputs.grads, result.coef, foreach=self.foreach)
+            return result
+        threshold = torch.full_like(norm, max_norm)
         norms = self._cache.take(inputs, self.norm_type, self.foreach)
         if self.scope == "tensor":
             coefs = _coefs(norms, max_norm)

@@ -37,8 +37,10 @@ from torch.utils._foreach_utils import (
 __all__ = [
     "clamp_",
     "clip_coef",
+    "finite",
     "nonfinite_to_zero_",
     "percentile",
+    "percentile_sorted",
     "scale_",
     "scale_each_",
     "tensor_norms",
@@ -126,11 +128,17 @@ def clip_coef(norm: Tensor, threshold: float | Tensor, *, eps: float = NORM_EPS)
 def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = None) -> None:
     """Multiply every tensor in place by the 0-dim tensor ``coef``.
 
+    On the CPU, a factor of exactly 1 skips the pass (reading a CPU scalar costs no
+    device sync, and ``x * 1.0`` is ``x``); on any other device the multiplication always
+    runs, so no host read happens.
+
     Args:
         tensors: Tensors to scale in place.
         coef: 0-dim tensor; copied once to each device.
         foreach: ``None`` picks the foreach kernels where the device supports them.
     """
+    if _is_cpu_one(coef):
+        return
     for device, group in _groups(tensors):
         coef_on_device = coef.to(device)
         if _use_foreach(group, device, foreach):
@@ -138,6 +146,32 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = No
         else:
             for t in group:
                 t.mul_(coef_on_device)
+
+
+def _is_cpu_one(coef: Tensor) -> bool:
+    """True for a real CPU tensor equal to 1, outside torch.compile tracing."""
+    return (
+        type(coef) is Tensor
+        and coef.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(coef == 1.0)
+    )
+
+
+def finite(tensor: Tensor) -> Tensor:
+    """Return where ``tensor`` is finite (neither NaN nor infinite), without a host read.
+
+    Same as ``torch.isfinite`` for real tensors; written as ``|x| < inf`` because that also
+    runs on fake CUDA tensors of a CPU-only build (the sync-free tests use them), where
+    ``isfinite`` may fall back to a real kernel.
+
+    Example:
+        >>> import torch, math
+        >>> from clipopt import functional as F
+        >>> F.finite(torch.tensor([1.0, math.inf, math.nan]))
+        tensor([ True, False, False])
+    """
+    return tensor.abs() < math.inf
 
 
 def clamp_(
@@ -276,7 +310,20 @@ def percentile(values: Tensor, count: Tensor, q: float) -> Tensor:
         >>> F.percentile(h, torch.tensor(3), 10.0)
         tensor(0.6000)
     """
-    ordered = torch.sort(values).values  # NaN sorts last
+    return percentile_sorted(torch.sort(values).values, count, q)  # NaN sorts last
+
+
+def percentile_sorted(ordered: Tensor, count: Tensor, q: float) -> Tensor:
+    """:func:`percentile` of a tensor already sorted, valid entries first.
+
+    Example:
+        >>> import torch, math
+        >>> from clipopt import functional as F
+        >>> ordered = torch.tensor([0.5, 1.0, 2.0, math.inf])
+        >>> F.percentile_sorted(ordered, torch.tensor(3), 50.0)
+        tensor(1.)
+    """
+    values = ordered
     k = count.to(values.dtype)
     position = (q / 100.0) * (k - 1).clamp(min=0)
     low = position.floor()

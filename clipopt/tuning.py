@@ -570,12 +570,45 @@ class TrialReporter:
 # -- studies ------------------------------------------------------------------------------
 
 
+class _SQLiteStorage(optuna.storages.RDBStorage):
+    """RDBStorage on SQLite whose transactions take the write lock when they begin.
+
+    SQLite ignores ``SELECT ... FOR UPDATE`` and pysqlite opens a transaction only at the
+    first write, so two processes can both read a trial as WAITING and both run it
+    (seen here with enqueued baselines: "Cannot tell a COMPLETE trial"). ``BEGIN
+    IMMEDIATE``, the recipe of SQLAlchemy's pysqlite documentation, serialises them.
+    """
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._begin_immediately()
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._begin_immediately()
+
+    def _begin_immediately(self) -> None:
+        from sqlalchemy import event
+
+        @event.listens_for(self.engine, "connect")
+        def _connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN, below, rules
+
+        @event.listens_for(self.engine, "begin")
+        def _begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        self.engine.dispose()  # pooled connections predate the hooks
+
+
 def make_storage(spec: str | optuna.storages.BaseStorage | None) -> Any:
     """Return an Optuna storage for a URL, a file path, or an existing storage.
 
     - None: in memory (one process).
     - ``"sqlite:///study.db"`` or a path ending in ``.db``: embedded SQLite, with a
-      generous lock timeout; fine for a few processes on one machine.
+      generous lock timeout and transactions that lock when they begin (so two
+      processes never run the same enqueued trial); fine for a few processes on one
+      machine.
     - A path ending in ``.log`` or ``.jsonl``: a journal file, for many processes on one
       machine (or on a shared file system).
     - ``"postgresql://..."``, ``"mysql+pymysql://..."``: a database server, for many
@@ -589,10 +622,9 @@ def make_storage(spec: str | optuna.storages.BaseStorage | None) -> Any:
 
         return optuna.storages.JournalStorage(JournalFileBackend(spec))
     url = f"sqlite:///{spec}" if spec.endswith(".db") and "://" not in spec else spec
-    kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(url, **kwargs)
+        return _SQLiteStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(url)
 
 
 def worker_seed(

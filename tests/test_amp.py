@@ -28,7 +28,8 @@ def test_gradscaler_unscales_before_clipping(cls, kwargs, max_norm):
     ref = cls(
         ref_model.parameters(), lr=0.01, **{k: v for k, v in kwargs.items() if k != "fused"}
     )
-    assert not getattr(opt, "_step_supports_amp_scaling", False)
+    # advertised exactly when the one-pass fused path applies (fused kernel, one factor)
+    assert getattr(opt, "_step_supports_amp_scaling", False) == kwargs.get("fused", False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     norms, ref_norms = [], []
     for batch in batches(4):
@@ -46,6 +47,17 @@ def test_gradscaler_unscales_before_clipping(cls, kwargs, max_norm):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_flag_is_not_advertised_for_multi_factor_strategies():
+    sgd = torch.optim.SGD(_model().parameters(), lr=0.1, fused=True)
+    for strategy in ("value", "agc", "adagc"):
+        kwargs = {"clip_value": 1.0} if strategy == "value" else {}
+        assert not ClippedOptimizer(sgd, strategy, **kwargs)._step_supports_amp_scaling
+    assert not ClippedOptimizer(sgd, "norm", scope="tensor")._step_supports_amp_scaling
+    assert ClippedOptimizer(sgd, "percentile")._step_supports_amp_scaling
+    plain = torch.optim.SGD(_model().parameters(), lr=0.1)
+    assert not ClippedOptimizer(plain, "norm")._step_supports_amp_scaling
+
+
 def test_gradscaler_skips_inf_steps():
     model = _model()
     opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01, fused=True))
@@ -58,9 +70,13 @@ def test_gradscaler_skips_inf_steps():
     scaler.step(opt)
     scaler.update()
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
-    assert opt.last_stats is None  # the scaler never called step()
+    # one-pass AMP: the fused kernel skipped the update on the scaler's found_inf
+    assert bool(opt.last_stats.nonfinite)
+    assert opt.counts()["skipped_steps"] == 1
     assert scaler.get_scale() == 2.0**9
-    assert len(opt.optimizer.state) == 0
+    for state in opt.optimizer.state.values():  # created, but never advanced
+        assert state["step"] == 0
+        assert torch.equal(state["exp_avg"], torch.zeros_like(state["exp_avg"]))
 
 
 def test_explicit_unscale_on_the_wrapper_is_not_doubled():

@@ -333,7 +333,8 @@ def test_state_dict_layout_and_weights_only_load():
     assert set(sd["clipopt"]) == {
         "version",
         "strategy",
-        "steps",
+        "calls",
+        "schedule_step",
         "skipped_steps",
         "clipped_steps",
         "nonfinite_steps",
@@ -342,7 +343,7 @@ def test_state_dict_layout_and_weights_only_load():
     torch.save(sd, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
-    assert loaded["clipopt"]["steps"] == 3
+    assert loaded["clipopt"]["calls"] == 3
     assert torch.equal(loaded["clipopt"]["strategy"]["seen"], torch.tensor(3))
 
 
@@ -424,7 +425,7 @@ def test_wrapper_state_dict_loads_into_plain_optimizer():
     ("mutate", "match"),
     [
         (lambda own: own.update(version=99), "has version 99"),
-        (lambda own: own.pop("steps"), "lacks steps"),
+        (lambda own: own.pop("calls"), "lacks calls"),
         (lambda own: own.update(strategy={"bogus": 1}), "Recording needs key 'seen'"),
     ],
 )
@@ -439,7 +440,7 @@ def test_bad_clipopt_state_changes_nothing(mutate, match):
         opt.load_state_dict(sd)
     after = opt.state_dict()
     assert after["param_groups"] == before["param_groups"]
-    assert after["clipopt"]["steps"] == before["clipopt"]["steps"]
+    assert after["clipopt"]["calls"] == before["clipopt"]["calls"]
     assert torch.equal(
         after["clipopt"]["strategy"]["seen"], before["clipopt"]["strategy"]["seen"]
     )

@@ -56,7 +56,13 @@ def _twin_run(cls, kwargs, strategy, dtype, steps=6):
             clip_b(list(model_b.parameters()))
             opt_b.step()
         for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
-            assert torch.equal(pa, pb)
+            if opt_a._fused_capable():
+                # the fused kernel divides by 1 / coef where torch multiplies by coef
+                torch.testing.assert_close(
+                    pa, pb, rtol=1e-6, atol=1e-6 * float(pb.abs().max())
+                )
+            else:
+                assert torch.equal(pa, pb)
     return opt_a
 
 
@@ -69,6 +75,15 @@ def test_wrapper_equals_torch_clip_then_step(cls, kwargs, strategy, dtype):
     # the comparison means something only if clipping was active on some steps
     assert counts["clipped_steps"] >= 1
     assert counts["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize(
+    "cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad]
+)
+def test_fused_path_takes_over_the_scaling_pass(cls):
+    opt = _twin_run(cls, {"fused": True}, "norm", torch.float32)
+    assert opt._fused_capable()
+    assert "grad_scale" not in vars(opt.optimizer)  # handed over for the step only
 
 
 def test_matrix_covers_every_torch_optimizer():

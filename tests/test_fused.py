@@ -1,0 +1,206 @@
+"""The fused path: the clipping factor goes to the optimizer kernel as grad_scale."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import clipopt
+from clipopt import ClippedOptimizer
+from tests.conftest import batches, loss_of
+from tests.test_optimizer import _model
+
+FUSED = [
+    pytest.param(torch.optim.Adam, {}, id="Adam"),
+    pytest.param(torch.optim.AdamW, {}, id="AdamW"),
+    pytest.param(torch.optim.SGD, {"momentum": 0.9}, id="SGD"),
+    pytest.param(torch.optim.Adagrad, {}, id="Adagrad"),
+]
+SCALAR = {
+    "norm": lambda: clipopt.NormClip(0.3),
+    "percentile": lambda: clipopt.PercentileClip(50, window=8),
+    "zscore": lambda: clipopt.ZScoreClip(warmup_steps=2, z_thresh=1.0),
+}
+
+
+@pytest.mark.parametrize("strategy", list(SCALAR))
+@pytest.mark.parametrize(("cls", "kwargs"), FUSED)
+def test_fused_equals_clip_then_step(cls, kwargs, strategy):
+    model_a = _model()
+    model_b = copy.deepcopy(model_a)
+    fused = ClippedOptimizer(
+        cls(model_a.parameters(), lr=0.01, fused=True, **kwargs), SCALAR[strategy]()
+    )
+    # reference: the same strategy clipping in a separate pass, then the same kernel
+    separate = ClippedOptimizer(
+        cls(model_b.parameters(), lr=0.01, fused=True, **kwargs), SCALAR[strategy]()
+    )
+    separate._fused_capable = lambda: False  # force the separate scaling pass
+    assert fused._fused_capable()
+    for batch in batches(8):
+        for model, opt in ((model_a, fused), (model_b, separate)):
+            opt.zero_grad()
+            loss_of(model, batch).backward()
+            opt.step()
+        torch.testing.assert_close(fused.last_stats.coef, separate.last_stats.coef)
+        for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+            torch.testing.assert_close(
+                a.grad, b.grad, rtol=1e-6, atol=1e-6 * float(b.grad.abs().max())
+            )  # clipped grads
+    assert fused.counts() == separate.counts()
+    assert fused.counts()["clipped_steps"] > 0
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), FUSED)
+def test_fused_skip_leaves_params_moments_and_step_untouched(cls, kwargs):
+    model = _model()
+    opt = ClippedOptimizer(cls(model.parameters(), lr=0.01, fused=True, **kwargs))
+    data = batches(3)
+    for batch in data[:2]:
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.optimizer.state_dict()["state"])
+    opt.zero_grad()
+    loss_of(model, data[2]).backward()
+    with torch.no_grad():
+        model[0].weight.grad[0, 0] = math.nan
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    after = opt.optimizer.state_dict()["state"]
+    for key, entries in state.items():
+        for name, value in entries.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[key][name])), (
+                name
+            )
+    assert opt.counts()["skipped_steps"] == 1
+    assert bool(opt.last_stats.nonfinite)
+    assert opt.last_stats.coef == 0
+
+
+def _scaler_run(fused_wrapper, n=6, inf_at=(2,)):
+    """Train with GradScaler; return params, scale history and clip norms."""
+    torch.manual_seed(0)
+    model = _model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    if fused_wrapper:
+        opt = ClippedOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=0.01, fused=True), max_norm=0.2
+        )
+        assert opt._step_supports_amp_scaling
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    scales, norms = [], []
+    for i, batch in enumerate(batches(n)):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, batch)).backward()
+        if i in inf_at:
+            with torch.no_grad():
+                model[2].bias.grad[0] = math.inf
+        if fused_wrapper:
+            scaler.step(opt)
+            norms.append(float(opt.last_stats.norm))
+        else:  # the documented recipe: unscale_, clip, step
+            scaler.unscale_(opt)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)))
+            scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return [p.detach().clone() for p in model.parameters()], scales, norms
+
+
+def test_one_pass_amp_equals_unscale_clip_step():
+    params, scales, norms = _scaler_run(fused_wrapper=True)
+    ref_params, ref_scales, ref_norms = _scaler_run(fused_wrapper=False)
+    assert scales == ref_scales  # inf steps skipped and the scale updated the same way
+    assert scales[2] == scales[1] / 2
+    for i, (a, b) in enumerate(zip(norms, ref_norms, strict=True)):
+        if i == 2:
+            assert math.isinf(a)
+            assert math.isinf(b)
+        else:
+            assert a == pytest.approx(b, rel=1e-6)
+    for a, b in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_shortcut_skips_the_pass_only_on_cpu():
+    grads = [torch.ones(3), torch.ones(2)]
+    with _Counter() as counter:
+        clipopt.functional.scale_(grads, torch.tensor(1.0))
+    assert not any("mul" in op for op in counter.ops)
+    with _Counter() as counter:
+        clipopt.functional.scale_(grads, torch.tensor(0.5))
+    assert any("mul" in op for op in counter.ops)
+    meta = [torch.empty(3, device="meta")]
+    with _Counter() as counter:
+        clipopt.functional.scale_(meta, torch.ones((), device="meta"))
+    assert any("mul" in op for op in counter.ops)
+
+
+@pytest.mark.parametrize("strategy", list(SCALAR))
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_fused_skip_step_has_no_host_read_on_fake_cuda(cls, strategy):
+    with FakeTensorMode():
+        params = [torch.nn.Parameter(torch.empty(s, device="cuda")) for s in [(4, 3), (3,)]]
+        opt = ClippedOptimizer(
+            cls(params, lr=0.1, fused=True), SCALAR[strategy](), nonfinite="skip"
+        )
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.empty_like(p)
+            opt.step()
+        assert all(t.device.type == "cuda" for t in opt.last_stats)
+
+
+def test_fake_cuda_catches_the_host_read_of_the_separate_path():
+    with FakeTensorMode():
+        params = [torch.nn.Parameter(torch.empty(4, 3, device="cuda"))]
+        params[0].grad = torch.empty_like(params[0])
+        opt = ClippedOptimizer(
+            torch.optim.Adam(params, lr=0.1, foreach=False), nonfinite="skip"
+        )
+        with pytest.raises(DataDependentOutputException):
+            opt.step()
+
+
+def test_layout_follows_param_group_changes():
+    model = _model()
+    opt = ClippedOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), max_norm=1e-3)
+    loss_of(model, batches(1)[0]).backward()
+    opt.step()
+    first = opt._layout
+    opt.step()
+    assert opt._layout is first  # cached while the groups do not change
+    opt.add_param_group({"params": model[2].parameters()})
+    opt.step()
+    assert opt._layout is not first
+    assert (
+        opt.last_stats.norm
+        == torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        or opt.last_stats.norm > 0
+    )
+    opt.optimizer.load_state_dict(opt.optimizer.state_dict())  # rebinds param_groups
+    second = opt._layout
+    model[2].weight.grad = None  # a gradient disappears
+    opt.step()
+    assert opt._layout is not second
+    expected = torch.nn.utils.get_total_norm(
+        [p.grad for p in model.parameters() if p.grad is not None]
+    )
+    torch.testing.assert_close(opt.last_stats.norm, expected)
