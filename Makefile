@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clipopt-installed
 
-.PHONY: setup test lint typecheck pytest docs demo plots clean
+.PHONY: setup test lint typecheck pytest docs demo plots bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ demo: setup
 
 plots: setup
 	$(BIN)/python docs/make_plots.py
+
+bench: setup
+	$(BIN)/python benchmarks/bench_step.py
 
 
 clean:

@@ -182,7 +182,9 @@ class PercentileClip(_Stateful):
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total ``norm_type``-norm of the gradients."""
-        return F.total_norm(inputs.grads, self.norm_type, foreach=self.foreach)
+        return F.total_norm(
+            inputs.grads, self.norm_type, foreach=self.foreach, group=inputs.process_group
+        )
 
     def supports_coefficient(self) -> bool:
         """True: one factor for all gradients."""
@@ -212,6 +214,8 @@ class PercentileClip(_Stateful):
     def clip_coefficient(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Record the norm and return the factor that clips to the percentile."""
         state = self._state_on(norm)
+        if F.is_host_readable(norm):
+            return self._clip_coefficient_on_host(state, norm)
         history, count = state["history"], state["count"]
         ordered = self._sorted(history)
         usable = _usable(norm)
@@ -249,6 +253,46 @@ class PercentileClip(_Stateful):
         threshold = threshold.to(norm.dtype)
         state["history"], state["count"] = new_history, new_count
         self._cache_sorted = new_ordered
+        coef = F.clip_coef(norm, threshold)
+        return ClipResult(threshold, coef, norm > threshold)
+
+    def _clip_coefficient_on_host(
+        self, state: dict[str, Tensor], norm: Tensor
+    ) -> ClipResult:
+        """The same update for CPU tensors, whose values are free to read.
+
+        Only the entries between the evicted and the inserted rank move (one slice copy),
+        instead of several passes over the whole window.
+        """
+        history, count = state["history"], state["count"]
+        ordered = self._sorted(history)
+        previous = ordered.clone() if not self.include_current else ordered
+        old_count = count.clone()
+        if bool(_usable(norm)):
+            n = norm.to(history.dtype)
+            slot = int(count) % self.window
+            evicted = float(history[slot].nan_to_num(nan=math.inf))
+            at = int(torch.searchsorted(ordered, ordered.new_tensor(evicted)))
+            to = int(torch.searchsorted(ordered, n))
+            if to <= at:  # shift [to, at) one right
+                ordered[to + 1 : at + 1] = ordered[to:at].clone()
+                ordered[to] = n
+            else:  # shift (at, to) one left
+                ordered[at : to - 1] = ordered[at + 1 : to].clone()
+                ordered[to - 1] = n
+            history[slot] = n  # in place: state_dict() hands out copies
+            count = count + 1
+        if self.include_current:
+            threshold = F.percentile_sorted(
+                ordered, count.clamp(max=self.window), self.percentile
+            )
+        else:
+            threshold = F.percentile_sorted(
+                previous, old_count.clamp(max=self.window), self.percentile
+            )
+        threshold = threshold.to(norm.dtype)
+        state["history"], state["count"] = history, count
+        self._cache_sorted = ordered
         coef = F.clip_coef(norm, threshold)
         return ClipResult(threshold, coef, norm > threshold)
 
@@ -352,7 +396,9 @@ class ZScoreClip(_Stateful):
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total L2 norm of the gradients."""
-        return F.total_norm(inputs.grads, 2.0, foreach=self.foreach)
+        return F.total_norm(
+            inputs.grads, 2.0, foreach=self.foreach, group=inputs.process_group
+        )
 
     def supports_coefficient(self) -> bool:
         """True: one factor for all gradients."""
@@ -529,7 +575,9 @@ class AdaGC(_Stateful):
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total L2 norm of the gradients (from per-tensor norms)."""
-        norms = F.tensor_norms(inputs.grads, 2.0, foreach=self.foreach)
+        norms = F.tensor_norms(
+            inputs.grads, 2.0, foreach=self.foreach, group=inputs.process_group
+        )
         self._cache_norms = (inputs, norms)
         total: Tensor = torch.linalg.vector_norm(norms)
         return total
@@ -540,7 +588,9 @@ class AdaGC(_Stateful):
         if cached is not None and cached[0] is inputs:
             norms = cached[1]
         else:
-            norms = F.tensor_norms(inputs.grads, 2.0, foreach=self.foreach)
+            norms = F.tensor_norms(
+                inputs.grads, 2.0, foreach=self.foreach, group=inputs.process_group
+            )
         state = self._grown(norm, max(inputs.num_params, max(inputs.indices) + 1))
         gamma, initialized, steps = state["gamma"], state["initialized"], state["steps"]
         index = self._index(tuple(inputs.indices), norm.device)
@@ -567,7 +617,18 @@ class AdaGC(_Stateful):
         gamma_after = self.beta * base + (1 - self.beta) * torch.where(over, limit, m)
 
         coefs = torch.where(warming, global_coef.expand_as(m), tensor_coef)
-        F.scale_each_(inputs.grads, coefs.to(norm.dtype).unbind(), foreach=self.foreach)
+        factors = coefs.to(norm.dtype)
+        if F.is_host_readable(factors):
+            # On the CPU, reading which tensors clip is free: scale only those.
+            chosen = (factors < 1).nonzero().flatten().tolist()
+            if chosen:
+                F.scale_each_(
+                    [inputs.grads[i] for i in chosen],
+                    list(factors[chosen].unbind()),
+                    foreach=self.foreach,
+                )
+        else:
+            F.scale_each_(inputs.grads, factors.unbind(), foreach=self.foreach)
         take = usable & F.finite(m) & (m > 0)
         gamma.index_copy_(
             0, index, torch.where(take, torch.where(warming, gamma_warm, gamma_after), old)
@@ -640,7 +701,6 @@ class AGC(ClipStrategy):
             )
         self.exclude = items
         self.foreach = check_foreach(foreach)
-        self._checked_names = False
 
     def hyperparameters(self) -> dict[str, Any]:
         """Return the constructor arguments (excluded parameters by name or shape)."""
@@ -654,9 +714,66 @@ class AGC(ClipStrategy):
             "foreach": self.foreach,
         }
 
+    @torch.no_grad()
     def measure(self, inputs: ClipInputs) -> Tensor:
-        """Return the total L2 norm of the gradients."""
-        return F.total_norm(inputs.grads, 2.0, foreach=self.foreach)
+        """Return the total L2 norm of the gradients, from their unit norms.
+
+        The unit norms are kept for :meth:`clip_`, so the gradients are read once.
+        """
+        included, groups, excluded_at = self._plan(inputs)
+        dtype = inputs.grads[0].dtype
+        device = inputs.grads[0].device
+        units = [
+            self._unit_norms([inputs.grads[included[k]] for k in positions], (n, "grad"))
+            for n, positions in enumerate(groups)
+        ]
+        device = units[0].device if units else device
+        split = self._split_groups(inputs, included, groups)
+        squares = _sum_squares(
+            [u.square().sum().to(device, dtype) for u in units], split, inputs
+        )
+        excluded = [inputs.grads[i] for i in excluded_at]
+        excluded_sq = (
+            F.tensor_norms(excluded, foreach=self.foreach, group=inputs.process_group)
+            .square()
+            .sum()
+            .to(device, dtype)
+            if excluded
+            else None
+        )
+        if excluded_sq is not None:
+            squares.append(excluded_sq)
+        self._cache_units: _AGCUnits | None = (inputs, units, excluded_sq)
+        return torch.stack(squares).sum().sqrt()
+
+    def _plan(self, inputs: ClipInputs) -> tuple[list[int], list[list[int]], list[int]]:
+        """Included positions, same-shaped groups of them, and the excluded positions.
+
+        The groups hold positions into the included list.
+
+        Depends only on the parameters, so it is cached while the wrapper passes the same
+        parameter layout (it does while the param groups do not change).
+        """
+        cached = getattr(self, "_cache_plan", None)
+        if cached is not None and cached[0] is inputs.params:
+            return cached[1], cached[2], cached[3]
+        included = self._included(inputs)
+        groups: dict[Any, list[int]] = {}
+        for k, i in enumerate(included):
+            p, g = inputs.params[i], inputs.grads[i]
+            # Small same-shaped tensors are batched (one op instead of one per tensor);
+            # large ones go alone: their op overhead is amortised, and stacking would
+            # copy them.
+            key = (tuple(g.shape), g.dtype, g.device, p.dtype) if g.numel() <= 65536 else k
+            groups.setdefault(key, []).append(k)
+        kept = set(included)
+        excluded = [i for i in range(len(inputs.grads)) if i not in kept]
+        _check_agc_placements(inputs)
+        plan = (included, list(groups.values()), excluded)
+        self._cache_plan = (inputs.params, *plan)
+        self._cache_buffers: dict[tuple[int, str], Tensor] = {}
+        self._cache_views: tuple[list[Tensor], list[Tensor]] | None = None
+        return plan
 
     def _included(self, inputs: ClipInputs) -> list[int]:
         names = {x for x in self.exclude if isinstance(x, str)}
@@ -668,14 +785,12 @@ class AGC(ClipStrategy):
                     "names: build it from model.named_parameters(), or exclude the "
                     "parameters themselves"
                 )
-            if not self._checked_names:
-                known = {n for g in inputs.groups for n in g.get("param_names", ())}
-                unknown = sorted(names - known)
-                if unknown:
-                    raise ValueError(
-                        f"AGC exclude names not found among the parameters: {unknown}"
-                    )
-                self._checked_names = True
+            known = {n for g in inputs.groups for n in g.get("param_names", ())}
+            unknown = sorted(names - known)
+            if unknown:
+                raise ValueError(
+                    f"AGC exclude names not found among the parameters: {unknown}"
+                )
         return [
             i
             for i, p in enumerate(inputs.params)
@@ -683,15 +798,24 @@ class AGC(ClipStrategy):
             and (inputs.names is None or inputs.names[i] not in names)
         ]
 
+    @torch.no_grad()
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Clip each unit whose gradient norm reaches ``clipping`` x its weight norm."""
         clipping = threshold_at("clipping", self.clipping, inputs.step)
-        included = self._included(inputs)
+        cached, self._cache_units = getattr(self, "_cache_units", None), None
+        if cached is None or cached[0] is not inputs:
+            self.measure(inputs)
+            cached, self._cache_units = self._cache_units, None
+        assert cached is not None
+        _, units, excluded_sq = cached
+        included, groups, _ = self._plan(inputs)
         grads = [inputs.grads[i] for i in included]
-        params = [inputs.params[i].detach() for i in included]
-        coefs: list[Tensor] = [norm] * len(included)
         post_sq: list[Tensor] = []
-        for positions, weight_norms, grad_norms in self._unit_norms(params, grads):
+        any_clipped: list[Tensor] = []
+        group_coefs = []
+        for n, (positions, grad_norms) in enumerate(zip(groups, units, strict=True)):
+            weights = [inputs.params[included[k]] for k in positions]
+            weight_norms = self._unit_norms(weights, (n, "param"))
             limit = weight_norms.clamp(min=self.eps) * clipping
             coef = torch.where(
                 grad_norms < limit,
@@ -699,63 +823,155 @@ class AGC(ClipStrategy):
                 limit / grad_norms.clamp(min=1e-6),
             )
             post_sq.append((grad_norms * coef).square().sum().to(norm.device, norm.dtype))
-            parts = coef.unbind(0) if len(positions) > 1 else [coef.reshape(coef.shape[1:])]
-            for k, part in zip(positions, parts, strict=True):
-                coefs[k] = part
-        if grads:
-            F.scale_each_(grads, coefs, foreach=self.foreach)
-        kept = set(included)
-        excluded = [g for i, g in enumerate(inputs.grads) if i not in kept]
-        if excluded:
-            excluded_norms = F.tensor_norms(excluded, foreach=self.foreach)
-            post_sq.append(excluded_norms.square().sum().to(norm.device, norm.dtype))
-        post = torch.stack(post_sq).sum().sqrt() if post_sq else torch.zeros_like(norm)
-        total_coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
+            any_clipped.append((coef < 1).any().to(norm.device))
+            group_coefs.append(coef.to(grads[positions[0]].dtype))
+        coefs = self._per_tensor(group_coefs, groups, len(included))
         clipped = (
-            torch.stack([(c < 1).any() for c in coefs]).any()
-            if coefs
+            _reduce_any(torch.stack(any_clipped).any(), inputs)
+            if any_clipped
             else torch.zeros_like(norm, dtype=torch.bool)
         )
+        post_sq = _sum_squares(
+            post_sq, self._split_groups(inputs, included, groups), inputs
+        )
+        if excluded_sq is not None:
+            post_sq.append(excluded_sq)
+        if grads and not F.is_cpu_false(clipped):
+            # uniform gradients get coefficients of their own dtype (see above)
+            F.scale_each_(grads, coefs, foreach=self.foreach, uniform=inputs.uniform)
+        post = torch.stack(post_sq).sum().sqrt() if post_sq else torch.zeros_like(norm)
+        total_coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
         return ClipResult(torch.full_like(norm, clipping), total_coef, clipped)
 
     @staticmethod
-    def _unit_norms(
-        params: list[Tensor], grads: list[Tensor]
-    ) -> list[tuple[list[int], Tensor, Tensor]]:
-        """Unit norms of weights and gradients, one batched op per same-shape group.
+    def _split_groups(
+        inputs: ClipInputs, included: list[int], groups: list[list[int]]
+    ) -> list[bool]:
+        """Per group: are its units split over ranks (norms already global)?"""
+        return [
+            F._is_dtensor(g) and g.dim() <= 1
+            for g in (inputs.grads[included[positions[0]]] for positions in groups)
+        ]
 
-        Returns (positions, weight norms, gradient norms) per group; with several tensors
-        in a group the norms have a leading dim over them.
+    def _per_tensor(
+        self, group_coefs: list[Tensor], groups: list[list[int]], count: int
+    ) -> list[Tensor]:
+        """One coefficient tensor per gradient, as views of the groups' coefficients.
+
+        Making thousands of views costs more than the clipping itself, so outside
+        torch.compile they are made once, over buffers that each step fills in place.
         """
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, g in enumerate(grads):
-            groups.setdefault(
-                (tuple(g.shape), g.dtype, g.device, params[i].dtype), []
-            ).append(i)
-        out = []
-        for (shape, *_), positions in groups.items():
-            if len(positions) == 1:
-                i = positions[0]
-                out.append(
-                    (positions, F.unit_norms(params[i])[None], F.unit_norms(grads[i])[None])
-                )
-                continue
-            weights = torch.stack([params[i] for i in positions])
-            gradients = torch.stack([grads[i] for i in positions])
-            dims = (
-                tuple(range(2, len(shape) + 1))
-                if len(shape) >= 2
-                else tuple(range(1, len(shape) + 1))
-            )
-            keep = len(shape) >= 2
-            out.append(
-                (
-                    positions,
-                    torch.linalg.vector_norm(weights, dim=dims, keepdim=keep),
-                    torch.linalg.vector_norm(gradients, dim=dims, keepdim=keep),
-                )
-            )
-        return out
+        if torch.compiler.is_compiling():
+            coefs: list[Tensor] = [group_coefs[0]] * count
+            for positions, coef in zip(groups, group_coefs, strict=True):
+                for k, part in zip(positions, coef.unbind(0), strict=True):
+                    coefs[k] = part
+            return coefs
+        cached = getattr(self, "_cache_views", None)
+        if cached is None or any(
+            b.shape != c.shape or b.dtype != c.dtype or b.device != c.device
+            for b, c in zip(cached[0], group_coefs, strict=True)
+        ):
+            buffers = [torch.empty_like(c) for c in group_coefs]
+            views: list[Tensor] = [group_coefs[0]] * count
+            for positions, buffer in zip(groups, buffers, strict=True):
+                for k, part in zip(positions, buffer.unbind(0), strict=True):
+                    views[k] = part
+            cached = self._cache_views = (buffers, views)
+        for buffer, coef in zip(cached[0], group_coefs, strict=True):
+            buffer.copy_(coef)
+        return cached[1]
+
+    def _unit_norms(self, tensors: list[Tensor], key: tuple[int, str]) -> Tensor:
+        """Unit norms of same-shaped tensors, batched along a new dim 0.
+
+        The stacked copy goes into a buffer kept between steps (a fresh one would cost
+        page faults every step).
+        """
+        if F._is_dtensor(tensors[0]) and tensors[0].dim() <= 1:
+            # A whole-tensor unit sharded over ranks: reduce its norm (DTensor's own
+            # collectives, one for the group); the coefficient then applies to shards.
+            return F.tensor_norms(tensors, foreach=self.foreach)
+        tensors = F._locals(tensors)  # rows of Shard(0) DTensors are whole locally
+        if len(tensors) == 1:
+            return F.unit_norms(tensors[0])[None]
+        buffers = getattr(self, "_cache_buffers", None)
+        if buffers is None:
+            buffers = self._cache_buffers = {}
+        shape = (len(tensors), *tensors[0].shape)
+        buffer = buffers.get(key)
+        if (
+            buffer is None
+            or tuple(buffer.shape) != shape
+            or buffer.dtype != tensors[0].dtype
+            or buffer.device != tensors[0].device
+            or torch.compiler.is_compiling()
+        ):
+            buffer = torch.empty(shape, dtype=tensors[0].dtype, device=tensors[0].device)
+            if not torch.compiler.is_compiling():
+                buffers[key] = buffer
+        stacked = torch.stack(tensors, out=buffer)
+        rank = tensors[0].dim()
+        dims = tuple(range(2, rank + 1)) if rank >= 2 else tuple(range(1, rank + 1))
+        result: Tensor = torch.linalg.vector_norm(stacked, dim=dims, keepdim=rank >= 2)
+        return result
+
+
+_AGCUnits = tuple[ClipInputs, list[Tensor], Tensor | None]
+
+
+def _dtensor_group(inputs: ClipInputs) -> Any:
+    """The process group of Shard(0) DTensor gradients (checked by the plan), or None."""
+    grad = inputs.grads[0]
+    if F._is_dtensor(grad):
+        return grad.device_mesh.get_group()  # type: ignore[attr-defined]
+    return None
+
+
+def _check_agc_placements(inputs: ClipInputs) -> None:
+    if not F._is_dtensor(inputs.grads[0]):
+        return
+    from torch.distributed.tensor import Shard
+
+    meshes = {id(g.device_mesh) for g in inputs.grads}  # type: ignore[attr-defined]
+    placements = {tuple(g.placements) for g in inputs.grads}  # type: ignore[attr-defined]
+    if len(meshes) != 1 or placements != {(Shard(0),)}:
+        raise NotImplementedError(
+            "AGC supports DTensor gradients sharded on dim 0 over one 1-D mesh (FSDP2's "
+            f"layout), where every unit is whole on its rank; got placements {placements}"
+        )
+
+
+def _reduce_sum(value: Tensor, inputs: ClipInputs) -> Tensor:
+    """Sum a per-rank partial sum over the ranks that hold shards (one collective)."""
+    group = (
+        inputs.process_group if inputs.process_group is not None else _dtensor_group(inputs)
+    )
+    if group is None:
+        return value
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
+
+
+def _sum_squares(
+    squares: list[Tensor], split: list[bool], inputs: ClipInputs
+) -> list[Tensor]:
+    """Turn per-group sums of squares into global ones.
+
+    Sums over local units are reduced over the ranks (one collective); sums over split
+    units are global already and are added as they are.
+    """
+    local = [s for s, is_split in zip(squares, split, strict=True) if not is_split]
+    whole = [s for s, is_split in zip(squares, split, strict=True) if is_split]
+    out = [_reduce_sum(torch.stack(local).sum(), inputs)] if local else []
+    return out + whole
+
+
+def _reduce_any(flag: Tensor, inputs: ClipInputs) -> Tensor:
+    return _reduce_sum(flag.to(torch.int32), inputs) > 0
 
 
 class Chain(ClipStrategy):

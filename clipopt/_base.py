@@ -35,6 +35,11 @@ class ClipInputs:
             strategy's threshold under a ``"clipopt_<parameter>"`` key.
         names: For each gradient, its parameter's name, when the optimizer was built from
             ``model.named_parameters()``; otherwise None.
+        uniform: True when all gradients share one device and one dtype, which lets
+            kernels skip grouping them (see ``functional.total_norm``).
+        process_group: The ``torch.distributed`` group over which plain-tensor
+            gradients are shards (hand-made model parallelism, FSDP1), or None. Norms
+            pass it to ``functional.total_norm`` / ``tensor_norms``.
     """
 
     params: Sequence[Tensor]
@@ -45,6 +50,8 @@ class ClipInputs:
     group_index: Sequence[int] = ()
     groups: Sequence[Mapping[str, Any]] = ()
     names: Sequence[str] | None = None
+    uniform: bool = False
+    process_group: Any = None
 
     def __post_init__(self) -> None:
         if not self.indices:

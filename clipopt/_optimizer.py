@@ -41,14 +41,55 @@ class _Layout:
     params: tuple[Tensor, ...]
     group_index: tuple[int, ...]
     names: tuple[str, ...] | None
+    uniform: bool  # one device and one dtype (a .grad always matches its parameter's)
 
 
 @dataclass(frozen=True)
 class _FusedPlan:
     """What a fused optimizer kernel receives instead of a separate scaling pass."""
 
-    grad_scale: Tensor
+    grad_scale: Tensor | None
     found_inf: Tensor | None
+
+
+class _Shared:
+    """Holds an object copies must share (a process group), which pickle cannot carry."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.value is not None:
+            raise TypeError(
+                "a ClippedOptimizer with a process_group cannot be pickled (process "
+                "groups cannot); pickle its state_dict() instead"
+            )
+        return (_Shared, (None,))
+
+
+def _warn_if_fsdp1_without_group(optimizer: torch.optim.Optimizer, group: Any) -> None:
+    """FSDP1 flat parameters hold shards: without a group the norm would be local."""
+    if group is not None:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    flat = any(
+        type(p).__name__ == "FlatParameter"
+        for g in optimizer.param_groups
+        for p in g["params"]
+    )
+    if flat:
+        warnings.warn(
+            "the optimizer holds FSDP1 FlatParameters, which are shards: pass "
+            "process_group=fsdp_model.process_group so that clipping uses the global norm",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class _Skip:
@@ -108,6 +149,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
             or a :class:`clipopt.ClipStrategy` instance.
         nonfinite: The policy for non-finite gradients, one of ``"skip"``, ``"error"``,
             ``"zero"`` and ``"propagate"``.
+        process_group: For plain-tensor gradients sharded over ranks (hand-made model
+            parallelism, FSDP1's flat parameters): the ``torch.distributed`` group whose
+            ranks hold the shards; norms are then global, with all per-tensor norms
+            combined in one ``all_reduce`` per step. Not needed for DDP (gradients are
+            already all-reduced) nor for FSDP2/DTensor (DTensor's collectives apply).
         **strategy_kwargs: The strategy's parameters, when ``strategy`` is a name.
 
     Attributes:
@@ -153,6 +199,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         strategy: str | ClipStrategy = "norm",
         *,
         nonfinite: NonfinitePolicy = "skip",
+        process_group: Any = None,
         **strategy_kwargs: Any,
     ) -> None:
         if isinstance(optimizer, ClippedOptimizer):
@@ -186,6 +233,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.strategy = strategy
         self.nonfinite = nonfinite
+        self._group = _Shared(process_group)
+        _warn_if_fsdp1_without_group(optimizer, process_group)
         self.last_stats = None
         self._closure_required = _closure_required(optimizer)
         self._layout = None
@@ -256,6 +305,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
     # Step hooks registered on the wrapper are forwarded to the wrapped optimizer, whose
     # patched step() runs them (and the global hooks) exactly once per step.
     step.hooked = True  # type: ignore[attr-defined]
+
+    @property
+    def process_group(self) -> Any:
+        """The process group over which plain-tensor gradients are sharded, or None."""
+        return self._group.value
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -390,6 +444,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             params=tuple(params),
             group_index=tuple(group_index),
             names=None if None in names else tuple(cast(list[str], names)),
+            uniform=len({(p.device, p.dtype) for p in params}) <= 1,
         )
         self._layout = layout
         self._sparse_checked = False
@@ -411,6 +466,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 layout.group_index,
                 layout.groups,
                 layout.names,
+                layout.uniform,
+                self._group.value,
             )
         keep = [i for i, g in enumerate(grads) if g is not None]
         if not keep:
@@ -433,6 +490,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
             [layout.group_index[i] for i in keep],
             layout.groups,
             None if names is None else [names[i] for i in keep],
+            layout.uniform,
+            self._group.value,
         )
 
     @torch.no_grad()
@@ -456,9 +515,12 @@ class ClippedOptimizer(torch.optim.Optimizer):
             norm = norm / amp_scale.to(norm.device, norm.dtype)
         if amp_found is not None:
             nonfinite = nonfinite | (amp_found.to(nonfinite.device) > 0)
-        # The one host read of "skip" (unless a fused kernel skips for us) and "error":
+        # The one host read of "skip" (unless a fused kernel skips for us; on the CPU the
+        # read is free, and cheaper than the kernel's found_inf bookkeeping) and "error":
         # whether to step at all is then a Python decision.
-        host_decides = self.nonfinite == "error" or (self.nonfinite == "skip" and not fused)
+        host_decides = self.nonfinite == "error" or (
+            self.nonfinite == "skip" and (not fused or F.is_host_readable(nonfinite))
+        )
         if host_decides and bool(nonfinite):
             if self.nonfinite == "error":
                 raise RuntimeError(
@@ -482,14 +544,19 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self._calls += 1
         if fused:
             result = self.strategy.clip_coefficient(inputs, norm)
-            skipped = nonfinite if self.nonfinite == "skip" else None
-            if amp_found is not None:
+            skipped = nonfinite if self.nonfinite == "skip" and not host_decides else None
+            if amp_found is not None and not host_decides:
                 found = amp_found.to(nonfinite.device) > 0
                 skipped = found if skipped is None else skipped | found
             device = grads[0].device
-            grad_scale = (1.0 / result.coef).to(device, torch.float32)
+            grad_scale: Tensor | None = None
+            # On the CPU a factor of exactly 1 needs no grad_scale: without one, the
+            # kernel does not write the gradients back (no device sync to know it).
+            if not F.is_cpu_one(result.coef):
+                grad_scale = (1.0 / result.coef).to(device, torch.float32)
             if amp_scale is not None:
-                grad_scale = grad_scale * amp_scale.to(device, torch.float32)
+                amp = amp_scale.to(device, torch.float32)
+                grad_scale = amp if grad_scale is None else grad_scale * amp
             plan: _Plan = _FusedPlan(
                 grad_scale,
                 None if skipped is None else skipped.to(device, torch.float32),
@@ -635,12 +702,33 @@ class ClippedOptimizer(torch.optim.Optimizer):
         of the wrapped class can load the result (it ignores the extra key).
         """
         state_dict = self.optimizer.state_dict()
-        state_dict[STATE_KEY] = {
+        state_dict[STATE_KEY] = self.clipopt_state_dict()
+        return state_dict
+
+    def clipopt_state_dict(self) -> dict[str, Any]:
+        """Return clipopt's own state: the strategy's state and the running counts.
+
+        This is ``state_dict()["clipopt"]``. Save it next to the optimizer's state where
+        the optimizer's state dict is rebuilt by other code, as
+        ``torch.distributed.checkpoint`` does (it keeps only ``state`` and
+        ``param_groups``); restore it with :meth:`load_clipopt_state_dict`.
+        """
+        return {
             "version": _STATE_VERSION,
             "strategy": self.strategy.state_dict(),
             **self._counter_state(),
         }
-        return state_dict
+
+    def load_clipopt_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`clipopt_state_dict` returned; check it all first.
+
+        Raises:
+            ValueError: The state does not fit this wrapper's strategy.
+        """
+        self._check_own_state(state_dict)
+        self.strategy.load_state_dict(state_dict["strategy"])
+        self._load_counters(state_dict)
+        self.last_stats = None
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict`.
@@ -674,9 +762,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             return
         self._check_own_state(own)
         self.optimizer.load_state_dict(inner)
-        self.strategy.load_state_dict(own["strategy"])
-        self._load_counters(own)
-        self.last_stats = None
+        self.load_clipopt_state_dict(own)
 
     def _check_own_state(self, own: Any) -> None:
         if not isinstance(own, Mapping):
@@ -704,6 +790,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             "nonfinite",
             "last_stats",
             "_closure_required",
+            "_group",
             "_calls",
             "_host_skips",
             "_counts",

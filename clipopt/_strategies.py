@@ -59,14 +59,18 @@ class _PerTensorNorms:
 
     def compute(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
         self._inputs = inputs
-        self._norms = F.tensor_norms(inputs.grads, norm_type, foreach=foreach)
+        self._norms = F.tensor_norms(
+            inputs.grads, norm_type, foreach=foreach, group=inputs.process_group
+        )
         return self._norms
 
     def take(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
         norms = self._norms if self._inputs is inputs else None
         self._inputs = self._norms = None
         if norms is None:
-            norms = F.tensor_norms(inputs.grads, norm_type, foreach=foreach)
+            norms = F.tensor_norms(
+                inputs.grads, norm_type, foreach=foreach, group=inputs.process_group
+            )
         return norms
 
 
@@ -138,7 +142,13 @@ class NormClip(ClipStrategy):
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total ``norm_type``-norm of the gradients."""
         if self.scope == "global":
-            return F.total_norm(inputs.grads, self.norm_type, foreach=self.foreach)
+            return F.total_norm(
+                inputs.grads,
+                self.norm_type,
+                foreach=self.foreach,
+                uniform=inputs.uniform,
+                group=inputs.process_group,
+            )
         norms = self._cache.compute(inputs, self.norm_type, self.foreach)
         total: Tensor = torch.linalg.vector_norm(norms, self.norm_type)
         return total
@@ -245,7 +255,9 @@ class ValueClip(ClipStrategy):
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the largest absolute gradient entry."""
-        return F.total_norm(inputs.grads, math.inf, foreach=self.foreach)
+        return F.total_norm(
+            inputs.grads, math.inf, foreach=self.foreach, group=inputs.process_group
+        )
 
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Clamp the gradients to ``[-clip_value, clip_value]``."""
@@ -263,9 +275,11 @@ class ValueClip(ClipStrategy):
                 )
                 for group, positions in _group_members(inputs).items()
             ]
-        for limit, grads in limits:
-            if not math.isinf(limit):
-                F.clamp_(grads, limit, foreach=self.foreach)
+        # On the CPU, nothing to clamp is known without a device sync: skip the pass.
+        if not (self.scope == "global" and F.is_cpu_false(norm > clip_value)):
+            for limit, grads in limits:
+                if not math.isinf(limit):
+                    F.clamp_(grads, limit, foreach=self.foreach)
         if self.scope == "global":
             coef = (
                 torch.ones_like(norm)
@@ -273,6 +287,8 @@ class ValueClip(ClipStrategy):
                 else torch.clamp(clip_value / norm, max=1.0)
             )
         else:  # the largest entry left, over the largest entry before
-            post = F.total_norm(inputs.grads, math.inf, foreach=self.foreach)
+            post = F.total_norm(
+                inputs.grads, math.inf, foreach=self.foreach, group=inputs.process_group
+            )
             coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
         return ClipResult(threshold, coef, coef < 1.0)

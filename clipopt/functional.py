@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -38,6 +38,9 @@ __all__ = [
     "clamp_",
     "clip_coef",
     "finite",
+    "is_cpu_false",
+    "is_cpu_one",
+    "is_host_readable",
     "nonfinite_to_zero_",
     "percentile",
     "percentile_sorted",
@@ -50,6 +53,41 @@ __all__ = [
 
 #: Added to the norm before dividing, exactly as torch.nn.utils.clip_grad_norm_ does.
 NORM_EPS = 1e-6
+#: From this size on a tensor is clamped in one pass rather than by the foreach kernels.
+_ONE_PASS_NUMEL = 1 << 16
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: writing to it writes the DTensor)."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _locals(tensors: Sequence[Tensor]) -> list[Tensor]:
+    if tensors and _is_dtensor(tensors[0]):
+        return [_local(t) for t in tensors]
+    return list(tensors)
+
+
+def _global(t: Tensor) -> Tensor:
+    """A DTensor reduced to its global value (torch's collectives), else ``t``."""
+    return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _all_reduce_norms(norms: Tensor, norm_type: float, group: Any) -> Tensor:
+    """Per-tensor norms of shards -> norms of the whole tensors, in one collective."""
+    import torch.distributed as dist
+
+    if math.isinf(norm_type):
+        reduced = norms.clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
+        return reduced
+    powered = norms.pow(norm_type)
+    dist.all_reduce(powered, op=dist.ReduceOp.SUM, group=group)
+    return powered.pow(1.0 / norm_type)
 
 
 def _groups(tensors: Sequence[Tensor]) -> Iterator[tuple[torch.device, list[Tensor]]]:
@@ -70,7 +108,12 @@ def _use_foreach(tensors: list[Tensor], device: torch.device, foreach: bool | No
 
 
 def total_norm(
-    tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: bool | None = None
+    tensors: Sequence[Tensor],
+    norm_type: float = 2.0,
+    *,
+    foreach: bool | None = None,
+    uniform: bool = False,
+    group: Any = None,
 ) -> Tensor:
     """Return the p-norm of all tensors viewed as one vector.
 
@@ -82,15 +125,26 @@ def total_norm(
         tensors: Non-empty sequence of tensors.
         norm_type: p > 0, or ``math.inf`` for the largest absolute value.
         foreach: ``None`` picks the foreach kernels where the device supports them.
+        uniform: The caller knows all tensors share one device and dtype: skip grouping
+            them (the same arithmetic, less per-tensor bookkeeping).
+        group: A ``torch.distributed`` process group over which the tensors are shards
+            (each rank holds different parts): the per-tensor norms are combined across
+            it in one ``all_reduce``. DTensors need none: their own collectives give the
+            global norm (``full_tensor``).
 
     Returns:
-        A 0-dim tensor on ``tensors[0].device``.
+        A 0-dim tensor on ``tensors[0].device`` (the local shard's device for DTensors),
+        the same on every rank.
 
     Raises:
         ValueError: ``tensors`` is empty.
     """
     if len(tensors) == 0:
         raise ValueError("tensors must not be empty")
+    if group is not None:
+        return _reduce_total(
+            tensor_norms(tensors, norm_type, foreach=foreach, group=group), norm_type
+        )
     first = tensors[0].device
     if math.isinf(norm_type):
         # torch cannot take the max of an empty tensor (no identity), so drop zero-size
@@ -100,14 +154,23 @@ def total_norm(
         if not tensors:
             return torch.zeros((), device=first)
     norms: list[Tensor] = []
-    for device, group in _groups(tensors):
-        if _use_foreach(group, device, foreach):
-            norms.extend(torch._foreach_norm(group, norm_type))
+    devices = set()
+    groups = [(first, list(tensors))] if uniform else _groups(tensors)
+    for device, members in groups:
+        devices.add(device)
+        # uniform tensors share one type too: checking the first stands for all
+        if _use_foreach(members[:1] if uniform else members, device, foreach):
+            norms.extend(torch._foreach_norm(members, norm_type))
         else:
-            norms.extend(torch.linalg.vector_norm(t, norm_type) for t in group)
-    result: Tensor = torch.linalg.vector_norm(
-        torch.stack([n.to(first) for n in norms]), norm_type
-    )
+            norms.extend(torch.linalg.vector_norm(t, norm_type) for t in members)
+    if devices != {first}:  # .to(first) is a no-op otherwise, but costs per tensor
+        norms = [n.to(first) for n in norms]
+    result: Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    return _global(result)
+
+
+def _reduce_total(norms: Tensor, norm_type: float) -> Tensor:
+    result: Tensor = torch.linalg.vector_norm(norms, norm_type)
     return result
 
 
@@ -139,7 +202,7 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = No
     """
     if _is_cpu_one(coef):
         return
-    for device, group in _groups(tensors):
+    for device, group in _groups(_locals(tensors)):
         coef_on_device = coef.to(device)
         if _use_foreach(group, device, foreach):
             torch._foreach_mul_(group, coef_on_device)
@@ -148,14 +211,40 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = No
                 t.mul_(coef_on_device)
 
 
-def _is_cpu_one(coef: Tensor) -> bool:
-    """True for a real CPU tensor equal to 1, outside torch.compile tracing."""
+def is_host_readable(tensor: Tensor) -> bool:
+    """Whether reading ``tensor`` on the host is free: a real CPU tensor, not compiling.
+
+    Always False for other devices, fake or meta tensors, and under ``torch.compile``.
+    """
+    return _host_readable(tensor)
+
+
+def _host_readable(tensor: Tensor) -> bool:
+    """A real CPU tensor outside torch.compile: reading it costs no device sync."""
     return (
-        type(coef) is Tensor
-        and coef.device.type == "cpu"
+        type(tensor) is Tensor
+        and tensor.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and bool(coef == 1.0)
     )
+
+
+def _is_cpu_one(coef: Tensor) -> bool:
+    """True for a real CPU tensor whose entries all equal 1, outside torch.compile."""
+    return _host_readable(coef) and bool((coef == 1.0).all())
+
+
+def is_cpu_one(coef: Tensor) -> bool:
+    """Whether scaling by ``coef`` may be skipped: a CPU tensor of ones (see ``scale_``).
+
+    Always False for other devices, fake or meta tensors, and under ``torch.compile``,
+    so checking it never stalls an accelerator.
+    """
+    return _is_cpu_one(coef)
+
+
+def is_cpu_false(flag: Tensor) -> bool:
+    """Whether a boolean ``flag`` is a CPU tensor holding False (see ``is_cpu_one``)."""
+    return _host_readable(flag) and not bool(flag.any())
 
 
 def finite(tensor: Tensor) -> Tensor:
@@ -179,15 +268,24 @@ def clamp_(
 ) -> None:
     """Clamp every entry in place to ``[-clip_value, clip_value]``.
 
+    Large tensors are clamped in one read+write pass each (``clamp_(min, max)``); small
+    ones with the foreach kernels, whose two passes cost less than one call per tensor.
+    The results are the same either way.
+
     Args:
         tensors: Tensors to clamp in place.
         clip_value: Largest absolute value allowed.
         foreach: ``None`` picks the foreach kernels where the device supports them.
     """
-    for device, group in _groups(tensors):
+    for device, group in _groups(_locals(tensors)):
         if _use_foreach(group, device, foreach):
-            torch._foreach_clamp_min_(group, -clip_value)
-            torch._foreach_clamp_max_(group, clip_value)
+            small = [t for t in group if t.numel() < _ONE_PASS_NUMEL]
+            for t in group:
+                if t.numel() >= _ONE_PASS_NUMEL:
+                    t.clamp_(min=-clip_value, max=clip_value)
+            if small:
+                torch._foreach_clamp_min_(small, -clip_value)
+                torch._foreach_clamp_max_(small, clip_value)
         else:
             for t in group:
                 t.clamp_(min=-clip_value, max=clip_value)
@@ -199,12 +297,16 @@ def nonfinite_to_zero_(tensors: Sequence[Tensor]) -> None:
     Args:
         tensors: Tensors to clean in place.
     """
-    for t in tensors:
+    for t in _locals(tensors):
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def tensor_norms(
-    tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: bool | None = None
+    tensors: Sequence[Tensor],
+    norm_type: float = 2.0,
+    *,
+    foreach: bool | None = None,
+    group: Any = None,
 ) -> Tensor:
     """Return the p-norm of each tensor, stacked in input order on the first device.
 
@@ -214,9 +316,11 @@ def tensor_norms(
         tensors: Non-empty sequence of tensors.
         norm_type: p > 0, or ``math.inf``.
         foreach: ``None`` picks the foreach kernels where the device supports them.
+        group: A process group over which the tensors are shards: all the norms are
+            combined in one ``all_reduce`` (see :func:`total_norm`).
 
     Returns:
-        A 1-D tensor of ``len(tensors)`` norms.
+        A 1-D tensor of ``len(tensors)`` norms, the same on every rank.
 
     Raises:
         ValueError: ``tensors`` is empty.
@@ -231,18 +335,21 @@ def tensor_norms(
         raise ValueError("tensors must not be empty")
     first = tensors[0].device
     out: list[Tensor | None] = [None] * len(tensors)
-    for device, group, positions in _grouped_positions(tensors):
+    for device, members, positions in _grouped_positions(tensors):
         if math.isinf(norm_type):
             norms = [
-                t.abs().amax() if t.numel() else t.new_zeros(()) for t in group
+                t.abs().amax() if t.numel() else t.new_zeros(()) for t in members
             ]  # torch has no inf-norm of an empty tensor
-        elif _use_foreach(group, device, foreach):
-            norms = list(torch._foreach_norm(group, norm_type))
+        elif _use_foreach(members, device, foreach):
+            norms = list(torch._foreach_norm(members, norm_type))
         else:
-            norms = [torch.linalg.vector_norm(t, norm_type) for t in group]
+            norms = [torch.linalg.vector_norm(t, norm_type) for t in members]
         for i, n in zip(positions, norms, strict=True):
             out[i] = n
-    return torch.stack([cast(Tensor, n).to(first) for n in out])
+    stacked = _global(torch.stack([cast(Tensor, n).to(first) for n in out]))
+    if group is not None:
+        stacked = _all_reduce_norms(stacked, norm_type, group)
+    return stacked
 
 
 def _grouped_positions(
@@ -257,7 +364,11 @@ def _grouped_positions(
 
 
 def scale_each_(
-    tensors: Sequence[Tensor], coefs: Sequence[Tensor], *, foreach: bool | None = None
+    tensors: Sequence[Tensor],
+    coefs: Sequence[Tensor],
+    *,
+    foreach: bool | None = None,
+    uniform: bool = False,
 ) -> None:
     """Multiply each tensor in place by its own coefficient tensor.
 
@@ -265,6 +376,8 @@ def scale_each_(
         tensors: Tensors to scale in place.
         coefs: One tensor per tensor, broadcastable to it (0-dim, or one value per unit).
         foreach: ``None`` picks the foreach kernels where the device supports them.
+        uniform: The caller knows that tensors and coefficients all share one device and
+            one dtype: skip grouping them.
 
     Example:
         >>> import torch
@@ -279,8 +392,37 @@ def scale_each_(
         raise ValueError(
             f"coefs must have one entry per tensor, got {len(coefs)} for {len(tensors)}"
         )
+    tensors = _locals(tensors)
+    if uniform and tensors:
+        device = tensors[0].device
+        if _use_foreach(list(tensors[:1]), device, foreach):
+            torch._foreach_mul_(list(tensors), list(coefs))
+        else:
+            for t, c in zip(tensors, coefs, strict=True):
+                t.mul_(c)
+        return
+    groups = _group_tensors_by_device_and_dtype([list(tensors), list(coefs)])
+    if len(groups) == 1:  # the common case: no per-tensor bookkeeping in Python
+        ((device, dtype), (lists, _)) = next(iter(groups.items()))
+        group = cast(list[Tensor], lists[0])
+        group_coefs = cast(list[Tensor], lists[1])
+        first = group_coefs[0]
+        if first.device == device and first.dtype == dtype:
+            if _use_foreach(group, device, foreach):
+                torch._foreach_mul_(group, group_coefs)
+            else:
+                for t, c in zip(group, group_coefs, strict=True):
+                    t.mul_(c)
+            return
     for device, group, positions in _grouped_positions(tensors):
-        group_coefs = [coefs[i].to(device=device, dtype=group[0].dtype) for i in positions]
+        group_coefs = [coefs[i] for i in positions]
+        first = group_coefs[0]
+        if (
+            first.device != device
+            or first.dtype != group[0].dtype
+            or any(c.device != first.device or c.dtype != first.dtype for c in group_coefs)
+        ):
+            group_coefs = [c.to(device=device, dtype=group[0].dtype) for c in group_coefs]
         if _use_foreach(group, device, foreach):
             torch._foreach_mul_(group, group_coefs)
         else:

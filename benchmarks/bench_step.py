@@ -1,0 +1,366 @@
+"""Benchmark ClippedOptimizer.step() against torch's clip + step, side by side.
+
+For each gradient layout and inner optimizer, every case runs in this one process,
+interleaved in a freshly shuffled order each round; a case's time is the median of its
+repetitions in a round, and a ratio is the median over rounds of (case / reference) with
+the reference, torch's ``clip_grad_norm_`` followed by the inner step, measured in the same
+round. Gradients are restored (untimed) before every step from a fixed bank: a total norm
+of about 0.5 times a log-normal factor (sigma 0.15), and a 20x spike every 20th step, so
+``max_norm=1.0`` clips only spikes and the median step does not clip.
+
+Run: python benchmarks/bench_step.py            (make bench; about 5 minutes on 2 cores)
+     python benchmarks/bench_step.py --quick    (a smoke test of the script, seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import clipopt
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+Step = Callable[[], None]
+
+
+# -- layouts -------------------------------------------------------------------------------
+
+
+def layout_a(scale: int = 1) -> list[tuple[int, ...]]:
+    """A small pre-LN transformer: d=384, 9 layers, 24k x 384 embedding (25.2M, 148)."""
+    d, hidden, layers, vocab = 384 // scale, 1536 // scale, 9, 24000 // scale
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,)]  # layer norm
+        shapes += [(d, d), (d,)] * 4  # q, k, v, o
+        shapes += [(d,), (d,), (hidden, d), (hidden,), (d, hidden), (d,)]  # ln, MLP
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+def layout_b(scale: int = 1) -> list[tuple[int, ...]]:
+    """2,000 small tensors: 1,000 (40, 48) matrices and 1,000 (80,) vectors (2.0M)."""
+    n = 1000 // scale
+    return [(40, 48)] * n + [(80,)] * n
+
+
+def layout_c(scale: int = 1) -> list[tuple[int, ...]]:
+    """One tensor of 50M elements."""
+    return [(10000 // scale, 5000 // scale)]
+
+
+LAYOUTS = {
+    "A 25M/148": layout_a,
+    "B 2M/2000": layout_b,
+    "C 50M/1": layout_c,
+}
+INNERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+    "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+    "SGD momentum": lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, foreach=True),
+}
+STRATEGIES: dict[str, Callable[[], clipopt.ClipStrategy]] = {
+    "norm": lambda: clipopt.NormClip(1.0),
+    "value": lambda: clipopt.ValueClip(0.01),
+    "percentile w=100": lambda: clipopt.PercentileClip(90, window=100),
+    "percentile w=100000": lambda: clipopt.PercentileClip(90, window=100_000),
+    "zscore": lambda: clipopt.ZScoreClip(max_norm=1.0),
+    "adagc": lambda: clipopt.AdaGC(warmup_steps=10),
+    "agc": lambda: clipopt.AGC(0.01),
+}
+
+
+# -- the gradient sequence -----------------------------------------------------------------
+
+
+class Gradients:
+    """Parameters whose gradients are restored from a fixed random bank every step."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], device: str = "cpu") -> None:
+        g = torch.Generator().manual_seed(0)
+        self.params = [
+            torch.nn.Parameter(0.02 * torch.randn(s, generator=g).to(device))
+            for s in shapes
+        ]
+        bank = [torch.randn(s, generator=g).to(device) for s in shapes]
+        total = math.sqrt(sum(float(b.square().sum()) for b in bank))
+        self.bank = [b * (0.5 / total) for b in bank]
+        for p, b in zip(self.params, self.bank, strict=True):
+            p.grad = b.clone()
+        self.noise = torch.randn(997, generator=g).tolist()
+        self.step = 0
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self.step += 1
+        # log-normal step-to-step variation (sigma 0.15), and a 20x spike every 20th step
+        factor = math.exp(0.15 * self.noise[self.step % len(self.noise)])
+        factor *= 20.0 if self.step % 20 == 0 else 1.0
+        torch._foreach_copy_([p.grad for p in self.params], self.bank)
+        if factor != 1.0:
+            torch._foreach_mul_([p.grad for p in self.params], factor)
+
+
+# -- timm's AGC, the reference for the AGC target ----------------------------------------
+
+
+def timm_agc(parameters: list[torch.Tensor], clip_factor: float = 0.01, eps: float = 1e-3):
+    """timm.utils.agc.adaptive_clip_grad: one parameter at a time."""
+
+    def unitwise(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim <= 1:
+            return x.norm(2.0)
+        return x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+    with torch.no_grad():
+        for p in parameters:
+            g = p.grad
+            limit = unitwise(p).clamp_(min=eps).mul_(clip_factor)
+            gn = unitwise(g)
+            p.grad.copy_(torch.where(gn < limit, g, g * (limit / gn.clamp(min=1e-6))))
+
+
+# -- the cases ----------------------------------------------------------------------------
+
+
+def cases(grads: Gradients, inner_name: str) -> dict[str, Step]:
+    params = grads.params
+    make = INNERS[inner_name]
+    out: dict[str, Step] = {}
+
+    inner = make(params)
+    out["inner step alone"] = inner.step
+
+    ref = make(params)
+
+    def torch_clip_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        ref.step()
+
+    out["torch clip_grad_norm_ + step"] = torch_clip_step
+    for name, factory in STRATEGIES.items():
+        wrapper = clipopt.ClippedOptimizer(make(params), factory())
+        out[f"clipopt {name}"] = wrapper.step
+    return out
+
+
+def clip_only_cases(grads: Gradients) -> dict[str, Step]:
+    """The AGC clipping alone, ours against timm's."""
+    params = grads.params
+    agc = clipopt.AGC(0.01)
+    inputs = clipopt.ClipInputs(params, [p.grad for p in params], 0)
+
+    def ours() -> None:
+        fresh = clipopt.ClipInputs(params, [p.grad for p in params], inputs.step)
+        agc.clip_(fresh, agc.measure(fresh))
+
+    return {
+        "agc clip only: clipopt": ours,
+        "agc clip only: timm adaptive_clip_grad": lambda: timm_agc(params),
+    }
+
+
+def measure(
+    steps: dict[str, Step],
+    grads: Gradients,
+    rounds: int,
+    reps: int,
+    sync: Callable[[], None],
+) -> dict[str, list[float]]:
+    """Per case, the median time (s) of each round; cases interleaved and shuffled."""
+    names = list(steps)
+    for name in names:  # warm up: optimizer state, lazily built strategy state
+        for _ in range(2):
+            grads.restore()
+            steps[name]()
+    sync()
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(0)
+    for _ in range(rounds):
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(reps):
+            order = names[:]
+            rng.shuffle(order)
+            for name in order:
+                grads.restore()
+                sync()
+                start = time.perf_counter()
+                steps[name]()
+                sync()
+                samples[name].append(time.perf_counter() - start)
+        for name in names:
+            per_round[name].append(statistics.median(samples[name]))
+    return per_round
+
+
+def ratios(per_round: dict[str, list[float]], reference: str) -> dict[str, float]:
+    ref = per_round[reference]
+    return {
+        name: statistics.median(t / r for t, r in zip(times, ref, strict=True))
+        for name, times in per_round.items()
+    }
+
+
+def run(
+    device: str, layouts: list[str], rounds: int, reps: int, scale: int
+) -> dict[str, Any]:
+    sync: Callable[[], None] = torch.cuda.synchronize if device == "cuda" else lambda: None
+    results: dict[str, Any] = {}
+    for layout in layouts:
+        grads = Gradients(LAYOUTS[layout](scale), device)
+        entry: dict[str, Any] = {"inners": {}}
+        for inner_name in INNERS:
+            per_round = measure(cases(grads, inner_name), grads, rounds, reps, sync)
+            entry["inners"][inner_name] = {
+                "ratio_to_torch": ratios(per_round, "torch clip_grad_norm_ + step"),
+                "ratio_to_clipopt_norm": ratios(per_round, "clipopt norm"),
+                "median_ms": {n: 1e3 * statistics.median(t) for n, t in per_round.items()},
+            }
+        per_round = measure(clip_only_cases(grads), grads, rounds, reps, sync)
+        entry["agc_clip_only"] = {
+            "timm_over_clipopt": ratios(per_round, "agc clip only: clipopt")[
+                "agc clip only: timm adaptive_clip_grad"
+            ],
+            "median_ms": {n: 1e3 * statistics.median(t) for n, t in per_round.items()},
+        }
+        results[layout] = entry
+        del grads
+    return results
+
+
+# -- targets and report -------------------------------------------------------------------
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, float, bool]]:
+    """(target, where, measured, met) for every target of the performance issue."""
+    rows = []
+    for layout, entry in results.items():
+        inners = entry["inners"]
+        fused = inners["AdamW fused"]["ratio_to_torch"]["clipopt norm"]
+        rows.append(
+            ("fused: norm <= 0.85x torch clip + fused step", layout, fused, fused <= 0.85)
+        )
+        for name in ("AdamW foreach", "SGD momentum"):
+            r = inners[name]["ratio_to_torch"]["clipopt norm"]
+            rows.append((f"{name}: norm <= 1.00x torch clip + step", layout, r, r <= 1.0))
+        for name, values in inners.items():
+            for strategy in ("percentile w=100", "percentile w=100000", "zscore", "adagc"):
+                r = values["ratio_to_clipopt_norm"][f"clipopt {strategy}"]
+                rows.append((f"{strategy} <= 1.10x norm ({name})", layout, r, r <= 1.10))
+            small = values["median_ms"]["clipopt percentile w=100"]
+            large = values["median_ms"]["clipopt percentile w=100000"]
+            rows.append(
+                (
+                    f"window 100k within 5% of 100 ({name})",
+                    layout,
+                    large / small,
+                    abs(large / small - 1) <= 0.05,
+                )
+            )
+        speedup = entry["agc_clip_only"]["timm_over_clipopt"]
+        if layout.startswith("B"):
+            rows.append(("agc >= 5x faster than timm", layout, speedup, speedup >= 5.0))
+    return rows
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    lines = [f"Command: `{command}`", ""]
+    lines.append(
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}."
+    )
+    lines.append("")
+    for layout, entry in results.items():
+        inners = entry["inners"]
+        names = list(next(iter(inners.values()))["ratio_to_torch"])
+        lines.append(f"### Layout {layout}: ratio to torch `clip_grad_norm_` + step")
+        lines.append("")
+        lines.append("| case | " + " | ".join(inners) + " |")
+        lines.append("| --- |" + " --- |" * len(inners))
+        for name in names:
+            cells = [f"{v['ratio_to_torch'][name]:.3f}" for v in inners.values()]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        refs = [
+            f"{v['median_ms']['torch clip_grad_norm_ + step']:.2f}" for v in inners.values()
+        ]
+        lines.append("| *reference, ms* | " + " | ".join(refs) + " |")
+        agc = entry["agc_clip_only"]
+        lines.append("")
+        lines.append(
+            "AGC clipping alone: clipopt "
+            f"{agc['median_ms']['agc clip only: clipopt']:.2f} ms, "
+            f"timm {agc['median_ms']['agc clip only: timm adaptive_clip_grad']:.2f} ms "
+            f"({agc['timm_over_clipopt']:.1f}x)."
+        )
+        lines.append("")
+    lines.append("### Targets")
+    lines.append("")
+    lines.append("| target | layout | measured | met |")
+    lines.append("| --- | --- | --- | --- |")
+    for target, layout, value, met in targets(results):
+        lines.append(f"| {target} | {layout} | {value:.3f} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def cuda_section(rounds: int, reps: int, scale: int) -> dict[str, Any] | None:
+    """The same ratios on a GPU, steps under set_sync_debug_mode('error')."""
+    if not torch.cuda.is_available():
+        print("CUDA section skipped: no GPU")
+        return None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        params = Gradients(layout_a(scale), "cuda").params
+        opt = clipopt.ClippedOptimizer(torch.optim.AdamW(params, fused=True), "norm")
+        opt.step()  # raises if the fused skip path reads the device
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return run("cuda", list(LAYOUTS), rounds, reps, scale)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny layouts, one round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for the results")
+    args = parser.parse_args(argv)
+    layouts = [
+        name
+        for name in LAYOUTS
+        if name.split()[0] in args.layouts.split(",") or name in args.layouts.split(",")
+    ]
+    scale, rounds, reps = (8, 1, 1) if args.quick else (1, args.rounds, args.reps)
+    command = "python benchmarks/bench_step.py" + (" --quick" if args.quick else "")
+    results = {"cpu": run("cpu", layouts, rounds, reps, scale)}
+    cuda = cuda_section(rounds, reps, scale)
+    if cuda is not None:
+        results["cuda"] = cuda
+    report = markdown(results["cpu"], command)
+    if cuda is not None:
+        report += "\n## CUDA\n\n" + markdown(cuda, command)
+    print(report)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "quick" if args.quick else "latest"
+    (out / f"{name}.json").write_text(
+        json.dumps(
+            {"command": command, "torch": torch.__version__, "results": results}, indent=1
+        )
+    )
+    (out / f"{name}.md").write_text(report)
+    return results
+
+
+if __name__ == "__main__":
+    main()

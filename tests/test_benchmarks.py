@@ -1,0 +1,25 @@
+"""The benchmark script runs end to end (speed is measured by make bench, not here)."""
+
+import importlib.util
+import json
+import pathlib
+
+BENCH = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_step.py"
+
+
+def test_benchmark_quick_mode_writes_results(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--quick", "--layouts", "B", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "quick.json").read_text())
+    assert data["results"]["cpu"].keys() == results["cpu"].keys() == {"B 2M/2000"}
+    entry = data["results"]["cpu"]["B 2M/2000"]
+    assert set(entry["inners"]) == {"AdamW fused", "AdamW foreach", "SGD momentum"}
+    for inner in entry["inners"].values():
+        ratios = inner["ratio_to_torch"]
+        assert ratios["torch clip_grad_norm_ + step"] == 1.0
+        assert {f"clipopt {s}" for s in bench.STRATEGIES} <= set(ratios)
+        assert all(r > 0 for r in ratios.values())
+    report = (tmp_path / "quick.md").read_text()
+    assert "| target | layout | measured | met |" in report
