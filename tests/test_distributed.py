@@ -1,0 +1,366 @@
+"""torch.distributed with real processes: gloo, 2 ranks on CPU, against 1 process.
+
+Each test spawns two ranks that write their results to a file; the parent compares them
+with a single-process run on the same global batch. Every collective runs on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import clipopt
+from clipopt import ClippedOptimizer
+
+ROOT = pathlib.Path(__file__).parent.parent
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+WORLD = 2
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank, fn, port, out, args):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        result = fn(rank, *args)
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, tmp_path, *args):
+    out = str(tmp_path / "result")
+    mp.spawn(_entry, args=(fn, _free_port(), out, args), nprocs=WORLD, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),
+        torch.nn.Linear(16, 4),
+    )
+
+
+def _data():
+    """Global batches of 8 rows with a spike at step 3; rank r takes rows r::2."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for step in range(STEPS):
+        x = torch.randn(8, 8, generator=g)
+        y = torch.randn(8, 4, generator=g) * (50.0 if step == 3 else 1.0)
+        batches.append((x, y))
+    return batches
+
+
+def _train(model, opt, batches, rank=None):
+    norms = []
+    for x, y in batches:
+        if rank is not None:
+            x, y = x[rank::WORLD], y[rank::WORLD]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        norms.append(opt.last_stats.to_dict())
+    return norms
+
+
+STRATEGIES = {
+    "norm": lambda: clipopt.NormClip(0.5),
+    "norm-inf": lambda: clipopt.NormClip(0.1, float("inf")),
+    "norm-l1": lambda: clipopt.NormClip(1.0, 1.0),
+    "percentile": lambda: clipopt.PercentileClip(50, window=4),
+    "zscore": lambda: clipopt.ZScoreClip(warmup_steps=2, z_thresh=1.0),
+    "adagc": lambda: clipopt.AdaGC(warmup_steps=2, max_norm=0.5),
+    "agc": lambda: clipopt.AGC(0.05),
+}
+
+
+def _reference(name):
+    """One process, the global batch: what every distributed run must reproduce."""
+    model = _model()
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), STRATEGIES[name]())
+    stats = _train(model, opt, _data())
+    return [p.detach().clone() for p in model.parameters()], stats
+
+
+# -- DDP ----------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, names):
+    out = {}
+    for name in names:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        opt = ClippedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), STRATEGIES[name]()
+        )
+        stats = _train(model, opt, _data(), rank)
+        out[name] = (
+            [p.detach().clone() for p in model.parameters()],
+            stats,
+            opt.strategy.state_dict(),
+        )
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_bitwise_and_match_one_process(tmp_path):
+    names = ["norm", "percentile", "zscore", "adagc"]
+    r0, r1 = spawn(_ddp_worker, tmp_path, names)
+    for name in names:
+        params0, stats0, state0 = r0[name]
+        params1, stats1, state1 = r1[name]
+        assert all(torch.equal(a, b) for a, b in zip(params0, params1, strict=True)), name
+        assert stats0 == stats1, name
+        for key in state0:
+            assert torch.equal(state0[key].nan_to_num(), state1[key].nan_to_num()), name
+        ref_params, ref_stats = _reference(name)
+        assert any(s["clipped"] for s in stats0), name  # the spike was clipped
+        for a, b in zip(params0, ref_params, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for ours, ref in zip(stats0, ref_stats, strict=True):
+            assert ours["norm"] == pytest.approx(ref["norm"], rel=1e-5), name
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------
+
+
+def _fsdp2_worker(rank, names):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for name in names:
+        model = _model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = ClippedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), STRATEGIES[name]()
+        )
+        stats = _train(model, opt, _data(), rank)
+        full = [p.full_tensor().detach().clone() for p in model.parameters()]
+        out[name] = (full, stats)
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp2_global_norms_and_results_match_one_process(tmp_path):
+    names = ["norm", "norm-inf", "norm-l1", "percentile", "zscore", "adagc", "agc"]
+    r0, r1 = spawn(_fsdp2_worker, tmp_path, names)
+    for name in names:
+        params0, stats0 = r0[name]
+        params1, stats1 = r1[name]
+        assert stats0 == stats1, name  # last_stats identical on every rank
+        ref_params, ref_stats = _reference(name)
+        for ours, ref in zip(stats0, ref_stats, strict=True):
+            # the global norm, not a rank's local one (inf-norm included)
+            assert ours["norm"] == pytest.approx(ref["norm"], rel=1e-5), name
+            assert ours["clipped"] == ref["clipped"], name
+        for a, b, c in zip(params0, params1, ref_params, strict=True):
+            assert torch.equal(a, b), name
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+# -- FSDP1 and explicit process groups ----------------------------------------------------
+
+
+def _fsdp1_worker(rank):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: N817
+
+    model = FSDP(_model(), device_id=torch.device("cpu"))
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        "norm",
+        max_norm=0.5,
+        process_group=model.process_group,
+    )
+    stats = _train(model, opt, _data(), rank)
+    with FSDP.summon_full_params(model):
+        full = [p.detach().clone() for p in model.parameters()]
+    return full, stats
+
+
+@pytest.mark.slow
+def test_fsdp1_with_process_group_uses_the_global_norm(tmp_path):
+    (params0, stats0), (_, stats1) = spawn(_fsdp1_worker, tmp_path)
+    assert stats0 == stats1
+    ref_params, ref_stats = _reference("norm")
+    for ours, ref in zip(stats0, ref_stats, strict=True):
+        assert ours["norm"] == pytest.approx(ref["norm"], rel=1e-5)
+    for a, b in zip(params0, ref_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _group_worker(rank):
+    """Hand-made model parallelism: rank r owns the tensors r, r + 2, ... of a list."""
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(s, generator=g) for s in [(5, 4), (7,), (3, 3), (6,)]]
+    mine = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads[rank::WORLD]]
+    for p, t in zip(mine, grads[rank::WORLD], strict=True):
+        p.grad = t.clone()
+    calls = []
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        results = {}
+        for name, strategy in [
+            ("norm", clipopt.NormClip(1.0)),
+            ("adagc", clipopt.AdaGC(warmup_steps=0)),
+            ("tensor", clipopt.NormClip(1.0, scope="tensor")),
+        ]:
+            for p, t in zip(mine, grads[rank::WORLD], strict=True):
+                p.grad = t.clone()
+            opt = ClippedOptimizer(
+                torch.optim.SGD(mine, lr=1.0), strategy, process_group=dist.group.WORLD
+            )
+            calls.clear()
+            opt.step()
+            results[name] = (
+                opt.last_stats.to_dict(),
+                len(calls),
+                [p.grad.clone() for p in mine],
+            )
+    finally:
+        dist.all_reduce = original
+    return results
+
+
+@pytest.mark.slow
+def test_explicit_process_group_gives_global_norms_in_one_collective(tmp_path):
+    r0, r1 = spawn(_group_worker, tmp_path)
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(s, generator=g) for s in [(5, 4), (7,), (3, 3), (6,)]]
+    total = torch.nn.utils.get_total_norm(grads)
+    for name in ("norm", "adagc", "tensor"):
+        stats0, calls0, _ = r0[name]
+        stats1, calls1, _ = r1[name]
+        assert stats0 == stats1
+        assert stats0["norm"] == pytest.approx(float(total), rel=1e-6)
+        assert calls0 == calls1 == 1  # all per-tensor norms in one all_reduce
+    # global clipping: each rank's shard scaled by the same global factor
+    expected = [t * min(1.0, 1.0 / (float(total) + 1e-6)) for t in grads]
+    got = {0: r0["norm"][2], 1: r1["norm"][2]}
+    for i, t in enumerate(expected):
+        torch.testing.assert_close(got[i % WORLD][i // WORLD], t)
+
+
+# -- distributed checkpoint --------------------------------------------------------------
+
+
+def _dcp_worker(rank, directory):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    data = _data()
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    opt = ClippedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=0.01), clipopt.PercentileClip(50, window=4)
+    )
+    _train(model, opt, data[:3], rank)
+    state = {
+        "model": model.state_dict(),
+        "optim": get_optimizer_state_dict(model, opt),
+        "clipopt": opt.clipopt_state_dict(),
+    }
+    dcp.save(state, checkpoint_id=directory)
+    uninterrupted = _train(model, opt, data[3:], rank)
+
+    fresh = torch.nn.parallel.DistributedDataParallel(_model())
+    opt2 = ClippedOptimizer(
+        torch.optim.AdamW(fresh.parameters(), lr=0.01), clipopt.PercentileClip(50, window=4)
+    )
+    target = {
+        "model": fresh.state_dict(),
+        "optim": get_optimizer_state_dict(fresh, opt2),
+        "clipopt": opt2.clipopt_state_dict(),
+    }
+    dcp.load(target, checkpoint_id=directory)
+    fresh.load_state_dict(target["model"])
+    set_optimizer_state_dict(fresh, opt2, optim_state_dict=target["optim"])
+    opt2.load_clipopt_state_dict(target["clipopt"])
+    resumed = _train(fresh, opt2, data[3:], rank)
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
+    )
+    return uninterrupted, resumed, same
+
+
+@pytest.mark.slow
+def test_distributed_checkpoint_recipe_restores_strategy_state(tmp_path):
+    (u0, r0, same0), (_, _, same1) = spawn(_dcp_worker, tmp_path, str(tmp_path / "ckpt"))
+    assert same0
+    assert same1
+    assert u0 == r0  # thresholds and norms after the resume equal the uninterrupted run
+
+
+# -- the example under torchrun ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddp_example_runs_under_torchrun(tmp_path):
+    port = _free_port()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(port),
+            str(ROOT / "examples" / "ddp_train.py"),
+            "--steps",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ranks agree: True" in out.stdout
+
+
+def test_process_group_is_kept_by_deepcopy_and_refused_by_pickle():
+    import pickle
+
+    marker = object()
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = ClippedOptimizer(torch.optim.SGD([p], lr=0.1), process_group=marker)
+    assert copy.deepcopy(opt).process_group is marker
+    with pytest.raises(TypeError, match="process_group cannot be pickled"):
+        pickle.dumps(opt)
+    plain = ClippedOptimizer(torch.optim.SGD([p], lr=0.1))
+    assert pickle.loads(pickle.dumps(plain)).process_group is None
