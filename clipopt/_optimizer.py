@@ -444,7 +444,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             params=tuple(params),
             group_index=tuple(group_index),
             names=None if None in names else tuple(cast(list[str], names)),
-            uniform=len({(p.device, p.dtype) for p in params}) <= 1,
+            uniform=len({(p.device, p.dtype, type(p.data)) for p in params}) <= 1,
         )
         self._layout = layout
         self._sparse_checked = False

@@ -67,9 +67,15 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _locals(tensors: Sequence[Tensor]) -> list[Tensor]:
-    if tensors and _is_dtensor(tensors[0]):
-        return [_local(t) for t in tensors]
-    return list(tensors)
+    if all(type(t) is Tensor for t in tensors):  # the common case, cheaply
+        return list(tensors)
+    return [_local(t) for t in tensors]
+
+
+def _mixed(tensors: Sequence[Tensor]) -> bool:
+    """DTensors next to plain tensors (tensor parallelism leaves some replicated)."""
+    kinds = {_is_dtensor(t) for t in tensors}
+    return len(kinds) > 1
 
 
 def _global(t: Tensor) -> Tensor:
@@ -145,6 +151,15 @@ def total_norm(
         return _reduce_total(
             tensor_norms(tensors, norm_type, foreach=foreach, group=group), norm_type
         )
+    if not uniform and _mixed(tensors):
+        # each kind on its own (DTensor ops refuse plain tensors), then the norm of both
+        parts = [
+            total_norm(
+                [t for t in tensors if _is_dtensor(t) == kind], norm_type, foreach=foreach
+            )
+            for kind in (True, False)
+        ]
+        return _reduce_total(torch.stack([p.to(parts[0].device) for p in parts]), norm_type)
     first = tensors[0].device
     if math.isinf(norm_type):
         # torch cannot take the max of an empty tensor (no identity), so drop zero-size
@@ -333,6 +348,19 @@ def tensor_norms(
     """
     if len(tensors) == 0:
         raise ValueError("tensors must not be empty")
+    if _mixed(tensors):
+        dtensors = [i for i, t in enumerate(tensors) if _is_dtensor(t)]
+        plain = [i for i, t in enumerate(tensors) if not _is_dtensor(t)]
+        parts = [
+            tensor_norms([tensors[i] for i in idx], norm_type, foreach=foreach)
+            for idx in (dtensors, plain)
+        ]
+        result = parts[1].new_empty(len(tensors))
+        for idx, part in zip((dtensors, plain), parts, strict=True):
+            result.index_copy_(0, torch.tensor(idx, device=result.device), part.to(result))
+        if group is not None:
+            result = _all_reduce_norms(result, norm_type, group)
+        return result
     first = tensors[0].device
     out: list[Tensor | None] = [None] * len(tensors)
     for device, members, positions in _grouped_positions(tensors):

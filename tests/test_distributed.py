@@ -183,6 +183,50 @@ def test_fsdp2_global_norms_and_results_match_one_process(tmp_path):
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
+def _tp_worker(rank, names):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for name in names:
+        model = _model()
+        # layer 0 column-wise (Shard(0) weights), layer 2 row-wise (Shard(1) weights)
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        opt = ClippedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), STRATEGIES[name]()
+        )
+        stats = _train(model, opt, _data())  # tensor parallel: every rank, the whole batch
+        full = [
+            p.full_tensor().detach().clone()
+            if hasattr(p, "full_tensor")
+            else p.detach().clone()
+            for p in model.parameters()
+        ]
+        out[name] = (full, stats)
+    return out
+
+
+@pytest.mark.slow
+def test_tensor_parallel_placements_give_global_norms(tmp_path):
+    names = ["norm", "norm-inf", "norm-l1", "zscore", "adagc"]
+    r0, r1 = spawn(_tp_worker, tmp_path, names)
+    for name in names:
+        params0, stats0 = r0[name]
+        params1, stats1 = r1[name]
+        assert stats0 == stats1, name
+        ref_params, ref_stats = _reference(name)
+        for ours, ref in zip(stats0, ref_stats, strict=True):
+            assert ours["norm"] == pytest.approx(ref["norm"], rel=1e-5), name
+        for a, b, c in zip(params0, params1, ref_params, strict=True):
+            assert torch.equal(a, b), name
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
 # -- FSDP1 and explicit process groups ----------------------------------------------------
 
 
