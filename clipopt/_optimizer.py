@@ -70,6 +70,18 @@ class _Shared:
         return (_Shared, (None,))
 
 
+def _as_group(value: Any) -> Any:
+    """A process group, from a group or a 1-D DeviceMesh (or None)."""
+    if value is None or not hasattr(value, "get_group"):
+        return value
+    if getattr(value, "ndim", 1) != 1:
+        raise ValueError(
+            "process_group must be a process group or a 1-D DeviceMesh, got a mesh with "
+            f"{value.ndim} dimensions; pass the mesh dimension that shards, e.g. mesh['tp']"
+        )
+    return value.get_group()
+
+
 def _warn_if_fsdp1_without_group(optimizer: torch.optim.Optimizer, group: Any) -> None:
     """FSDP1 flat parameters hold shards: without a group the norm would be local."""
     if group is not None:
@@ -151,9 +163,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
             ``"zero"`` and ``"propagate"``.
         process_group: For plain-tensor gradients sharded over ranks (hand-made model
             parallelism, FSDP1's flat parameters): the ``torch.distributed`` group whose
-            ranks hold the shards; norms are then global, with all per-tensor norms
-            combined in one ``all_reduce`` per step. Not needed for DDP (gradients are
-            already all-reduced) nor for FSDP2/DTensor (DTensor's collectives apply).
+            ranks hold the shards, or a 1-D ``DeviceMesh`` over them; norms are then
+            global, with all per-tensor norms combined in one ``all_reduce`` per step.
+            Not needed for DDP (gradients are already all-reduced) nor for FSDP2/DTensor
+            (DTensor's collectives apply).
         **strategy_kwargs: The strategy's parameters, when ``strategy`` is a name.
 
     Attributes:
@@ -233,7 +246,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.strategy = strategy
         self.nonfinite = nonfinite
-        self._group = _Shared(process_group)
+        self._group = _Shared(_as_group(process_group))
         _warn_if_fsdp1_without_group(optimizer, process_group)
         self.last_stats = None
         self._closure_required = _closure_required(optimizer)

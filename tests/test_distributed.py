@@ -274,15 +274,18 @@ def _group_worker(rank):
     dist.all_reduce = counting
     try:
         results = {}
-        for name, strategy in [
-            ("norm", clipopt.NormClip(1.0)),
-            ("adagc", clipopt.AdaGC(warmup_steps=0)),
-            ("tensor", clipopt.NormClip(1.0, scope="tensor")),
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (WORLD,))  # a 1-D mesh works as the group too
+        for name, strategy, group in [
+            ("norm", clipopt.NormClip(1.0), dist.group.WORLD),
+            ("adagc", clipopt.AdaGC(warmup_steps=0), mesh),
+            ("tensor", clipopt.NormClip(1.0, scope="tensor"), dist.group.WORLD),
         ]:
             for p, t in zip(mine, grads[rank::WORLD], strict=True):
                 p.grad = t.clone()
             opt = ClippedOptimizer(
-                torch.optim.SGD(mine, lr=1.0), strategy, process_group=dist.group.WORLD
+                torch.optim.SGD(mine, lr=1.0), strategy, process_group=group
             )
             calls.clear()
             opt.step()
