@@ -35,7 +35,18 @@ if _torch_version(_torch.__version__) < MIN_TORCH:  # pragma: no cover
 
 from . import functional  # noqa: E402
 from ._adaptive import AGC, AdaGC, Chain, PercentileClip, ZScoreClip  # noqa: E402
+from ._attach import Attachment, attach  # noqa: E402
 from ._base import ClipInputs, ClipResult, ClipStats, ClipStrategy  # noqa: E402
+from ._monitor import (  # noqa: E402
+    GradRecorder,
+    GradReport,
+    GradReportRow,
+    StatsHistory,
+    StatsLogger,
+    check_double_clipping,
+    grad_report,
+    log_stats,
+)
 from ._optimizer import ClippedOptimizer, NonfinitePolicy  # noqa: E402
 from ._registry import (  # noqa: E402
     available_strategies,
@@ -50,20 +61,30 @@ __all__ = [
     "AGC",
     "MIN_TORCH",
     "AdaGC",
+    "Attachment",
     "Chain",
     "ClipInputs",
     "ClipResult",
     "ClipStats",
     "ClipStrategy",
     "ClippedOptimizer",
+    "GradRecorder",
+    "GradReport",
+    "GradReportRow",
     "NonfinitePolicy",
     "NormClip",
     "PercentileClip",
+    "StatsHistory",
+    "StatsLogger",
     "ValueClip",
     "ZScoreClip",
     "__version__",
+    "attach",
     "available_strategies",
+    "check_double_clipping",
     "functional",
     "get_strategy",
+    "grad_report",
+    "log_stats",
     "register_strategy",
 ]

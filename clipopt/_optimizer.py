@@ -512,6 +512,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         """Clip (or plan a fused clip); return _SKIP when the step must be skipped."""
         inputs = self._inputs()
         if inputs is None:
+            self._warn_no_gradients()
             return None
         grads = inputs.grads
         amp_scale: Tensor | None = self.__dict__.get("grad_scale")  # set by GradScaler
@@ -593,6 +594,18 @@ class ClippedOptimizer(torch.optim.Optimizer):
         )
         self.last_stats = ClipStats(norm, threshold, coef, clipped, nonfinite)
         return plan
+
+    def _warn_no_gradients(self) -> None:
+        """Warn at the 1st, 10th, 100th, ... step without gradients (rate-limited)."""
+        count = self.__dict__.get("_no_grad_steps", 0) + 1
+        self._no_grad_steps = count
+        if math.log10(count).is_integer():
+            warnings.warn(
+                f"step() found no gradients ({count} time(s) so far): call backward() "
+                "before step(), or check that the parameters require gradients",
+                UserWarning,
+                stacklevel=4,
+            )
 
     # -- counters ------------------------------------------------------------------------
     # Calls are counted on the host; skipped, clipped and non-finite steps in one small

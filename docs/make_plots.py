@@ -72,8 +72,38 @@ def plot(name: str, title: str, strategy: clipopt.ClipStrategy) -> None:
     plt.close(fig)
 
 
+def monitoring_plots() -> None:
+    """The monitoring page's plots: a model whose first layer's gradient explodes."""
+    import clipopt.plots
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 1),
+    )
+    opt = clipopt.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "zscore")
+    history = clipopt.StatsHistory(opt)
+    recorder = clipopt.GradRecorder(model)
+    g = torch.Generator().manual_seed(1)
+    for step in range(150):
+        x = torch.randn(32, 16, generator=g)
+        y = x[:, :1] * (60.0 if step % 37 == 36 else 1.0)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        recorder.record()
+        opt.step()
+    clipopt.plots.plot_stats(
+        history, OUT / "monitor_stats.png", title="ZScoreClip on a run with corrupt batches"
+    )
+    clipopt.plots.plot_layer_heatmap(recorder, OUT / "monitor_heatmap.png")
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
+    monitoring_plots()
     plot("norm", "NormClip(max_norm=3.0): a fixed ceiling", clipopt.NormClip(3.0))
     plot(
         "value", "ValueClip(clip_value=3.0) on a one-entry gradient", clipopt.ValueClip(3.0)

@@ -6,6 +6,16 @@ import sys
 import clipopt
 
 EXPECTED = {
+    "Attachment",
+    "GradRecorder",
+    "GradReport",
+    "GradReportRow",
+    "StatsHistory",
+    "StatsLogger",
+    "attach",
+    "check_double_clipping",
+    "grad_report",
+    "log_stats",
     "AGC",
     "AdaGC",
     "Chain",
