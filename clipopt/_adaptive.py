@@ -242,19 +242,9 @@ class PercentileClip(_Stateful):
         new_ordered = torch.where(usable, grown, ordered)
         new_history = torch.where((slots == slot) & usable, n, history)
         new_count = count + usable.to(count.dtype)
-        if self.include_current:
-            threshold = F.percentile_sorted(
-                new_ordered, new_count.clamp(max=self.window), self.percentile
-            )
-        else:
-            threshold = F.percentile_sorted(
-                ordered, count.clamp(max=self.window), self.percentile
-            )
-        threshold = threshold.to(norm.dtype)
-        state["history"], state["count"] = new_history, new_count
-        self._cache_sorted = new_ordered
-        coef = F.clip_coef(norm, threshold)
-        return ClipResult(threshold, coef, norm > threshold)
+        return self._result(
+            state, norm, new_history, new_count, new_ordered, ordered, count
+        )
 
     def _clip_coefficient_on_host(
         self, state: dict[str, Tensor], norm: Tensor
@@ -267,7 +257,7 @@ class PercentileClip(_Stateful):
         history, count = state["history"], state["count"]
         ordered = self._sorted(history)
         previous = ordered.clone() if not self.include_current else ordered
-        old_count = count.clone()
+        old_count = count  # count is replaced below, never changed in place
         if bool(_usable(norm)):
             n = norm.to(history.dtype)
             slot = int(count) % self.window
@@ -282,15 +272,26 @@ class PercentileClip(_Stateful):
                 ordered[to - 1] = n
             history[slot] = n  # in place: state_dict() hands out copies
             count = count + 1
+        return self._result(state, norm, history, count, ordered, previous, old_count)
+
+    def _result(
+        self,
+        state: dict[str, Tensor],
+        norm: Tensor,
+        history: Tensor,
+        count: Tensor,
+        ordered: Tensor,
+        ordered_before: Tensor,
+        count_before: Tensor,
+    ) -> ClipResult:
+        """Store the updated window; clip to its percentile (or the previous one's)."""
         if self.include_current:
-            threshold = F.percentile_sorted(
-                ordered, count.clamp(max=self.window), self.percentile
-            )
+            window, valid = ordered, count
         else:
-            threshold = F.percentile_sorted(
-                previous, old_count.clamp(max=self.window), self.percentile
-            )
-        threshold = threshold.to(norm.dtype)
+            window, valid = ordered_before, count_before
+        threshold = F.percentile_sorted(
+            window, valid.clamp(max=self.window), self.percentile
+        ).to(norm.dtype)
         state["history"], state["count"] = history, count
         self._cache_sorted = ordered
         coef = F.clip_coef(norm, threshold)

@@ -493,12 +493,11 @@ def percentile_sorted(ordered: Tensor, count: Tensor, q: float) -> Tensor:
         >>> F.percentile_sorted(ordered, torch.tensor(3), 50.0)
         tensor(1.)
     """
-    values = ordered
-    k = count.to(values.dtype)
+    k = count.to(ordered.dtype)
     position = (q / 100.0) * (k - 1).clamp(min=0)
     low = position.floor()
     frac = position - low
-    last = values.numel() - 1
+    last = ordered.numel() - 1
     low_index = low.to(torch.int64).clamp(0, last).reshape(1)
     high_index = (low + 1).clamp(max=(k - 1).clamp(min=0)).to(torch.int64).clamp(0, last)
     a = ordered.gather(0, low_index).reshape(())

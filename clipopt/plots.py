@@ -95,12 +95,7 @@ def plot_stats(
     ax.set_ylabel("gradient norm")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out = pathlib.Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_layer_heatmap(
@@ -146,6 +141,10 @@ def plot_layer_heatmap(
     ax.set_xlabel("recorded step")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="log10 gradient norm")
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> pathlib.Path:
     fig.tight_layout()
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
