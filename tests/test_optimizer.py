@@ -161,7 +161,7 @@ def test_step_returns_none_and_closure_loss():
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor)
     assert loss.requires_grad
-    assert torch.equal(loss.detach(), loss_of(model, batch).detach()) is False  # stepped
+    assert not torch.equal(loss.detach(), loss_of(model, batch).detach())  # it stepped
 
 
 def test_closure_sees_gradients_clipped_after_evaluation():
