@@ -20,6 +20,7 @@ from torch import Tensor
 from . import functional as F
 from ._base import ClipInputs, ClipResult, ClipStrategy
 from ._registry import get_strategy, register_strategy
+from ._strategies import _PerTensorNorms
 from ._validation import (
     Schedule,
     check_bool,
@@ -538,8 +539,8 @@ class AdaGC(_Stateful):
         self.max_norm = check_schedule("max_norm", max_norm)
         self.eps = check_threshold("eps", eps, allow_inf=False)
         self.foreach = check_foreach(foreach)
-        self._cache_index: tuple[tuple[int, ...], Tensor] | None = None
-        self._cache_norms: tuple[ClipInputs, Tensor] | None = None
+        self._cache_index: tuple[Any, tuple[int, ...], Tensor] | None = None
+        self._cache_norms = _PerTensorNorms()
 
     def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
         return {
@@ -567,34 +568,35 @@ class AdaGC(_Stateful):
             )
         return state
 
-    def _index(self, indices: tuple[int, ...], device: torch.device) -> Tensor:
+    def _index(self, inputs: ClipInputs, device: torch.device) -> Tensor:
+        """The positions as a device tensor, rebuilt only when the layout changes.
+
+        While the wrapper passes the same parameter layout the positions are the same, so
+        the cache is checked by identity before any per-step tuple is built.
+        """
         cached = self._cache_index
-        if cached is None or cached[0] != indices or cached[1].device != device:
-            cached = (indices, torch.tensor(indices, dtype=torch.int64, device=device))
-            self._cache_index = cached
-        return cached[1]
+        if cached is not None and cached[0] is inputs.params and cached[2].device == device:
+            return cached[2]
+        indices = tuple(inputs.indices)
+        if cached is None or cached[1] != indices or cached[2].device != device:
+            tensor = torch.tensor(indices, dtype=torch.int64, device=device)
+        else:
+            tensor = cached[2]
+        self._cache_index = (inputs.params, indices, tensor)
+        return tensor
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total L2 norm of the gradients (from per-tensor norms)."""
-        norms = F.tensor_norms(
-            inputs.grads, 2.0, foreach=self.foreach, group=inputs.process_group
-        )
-        self._cache_norms = (inputs, norms)
+        norms = self._cache_norms.compute(inputs, 2.0, self.foreach)
         total: Tensor = torch.linalg.vector_norm(norms)
         return total
 
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Clip globally during warmup, then each tensor against its EMA."""
-        cached, self._cache_norms = self._cache_norms, None
-        if cached is not None and cached[0] is inputs:
-            norms = cached[1]
-        else:
-            norms = F.tensor_norms(
-                inputs.grads, 2.0, foreach=self.foreach, group=inputs.process_group
-            )
+        norms = self._cache_norms.take(inputs, 2.0, self.foreach)
         state = self._grown(norm, max(inputs.num_params, max(inputs.indices) + 1))
         gamma, initialized, steps = state["gamma"], state["initialized"], state["steps"]
-        index = self._index(tuple(inputs.indices), norm.device)
+        index = self._index(inputs, norm.device)
         usable = _usable(norm)
         new_steps = steps + usable.to(steps.dtype)
         warming = new_steps <= self.warmup_steps

@@ -8,7 +8,16 @@ from typing import Any
 import torch
 
 from ._base import ClipStats, ClipStrategy
-from ._optimizer import _SKIP, STATE_KEY, ClippedOptimizer, NonfinitePolicy, _FusedPlan
+from ._optimizer import (
+    _HANDED,
+    _SKIP,
+    STATE_KEY,
+    ClippedOptimizer,
+    NonfinitePolicy,
+    _FusedPlan,
+    hand_over,
+    take_back,
+)
 
 __all__ = ["Attachment", "attach"]
 
@@ -46,7 +55,7 @@ class Attachment:
         )
         self.optimizer = optimizer
         self._pending_state: Mapping[str, Any] | None = None
-        self._set_attrs = False
+        self._saved: dict[str, Any] | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -80,9 +89,7 @@ class Attachment:
             )
         engine = self._engine
         scaler_attrs = {
-            k: optimizer.__dict__[k]
-            for k in ("grad_scale", "found_inf")
-            if k in optimizer.__dict__
+            k: optimizer.__dict__[k] for k in _HANDED if k in optimizer.__dict__
         }
         if scaler_attrs and not engine._fused_capable():
             raise RuntimeError(
@@ -104,15 +111,14 @@ class Attachment:
                 for p in group["params"]:
                     p.grad = None
         elif isinstance(plan, _FusedPlan):
-            optimizer.grad_scale = plan.grad_scale
-            optimizer.found_inf = plan.found_inf
-            self._set_attrs = not scaler_attrs  # GradScaler deletes its own afterwards
+            saved = hand_over(optimizer, plan)
+            # GradScaler deletes its own attributes after the step; ours we take back
+            self._saved = None if scaler_attrs else saved
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._set_attrs:
-            optimizer.__dict__.pop("grad_scale", None)
-            optimizer.__dict__.pop("found_inf", None)
-            self._set_attrs = False
+        if self._saved is not None:
+            take_back(optimizer, self._saved)
+            self._saved = None
 
     def _add_state(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
         state_dict[STATE_KEY] = self._engine.clipopt_state_dict()

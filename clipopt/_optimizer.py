@@ -104,6 +104,25 @@ def _warn_if_fsdp1_without_group(optimizer: torch.optim.Optimizer, group: Any) -
         )
 
 
+_HANDED = ("grad_scale", "found_inf")
+
+
+def hand_over(optimizer: torch.optim.Optimizer, plan: _FusedPlan) -> dict[str, Any]:
+    """Give a fused optimizer's kernel the plan; return what it replaced."""
+    saved = {k: optimizer.__dict__.get(k, _MISSING) for k in _HANDED}
+    optimizer.__dict__.update(grad_scale=plan.grad_scale, found_inf=plan.found_inf)
+    return saved
+
+
+def take_back(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """Undo :func:`hand_over`: restore (or remove) what the plan replaced."""
+    for key, value in saved.items():
+        if value is _MISSING:
+            optimizer.__dict__.pop(key, None)
+        else:
+            optimizer.__dict__[key] = value
+
+
 class _Skip:
     """The step must be skipped (decided on the host)."""
 
@@ -347,18 +366,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
         if not isinstance(plan, _FusedPlan):
             yield
             return
-        inner = self.optimizer
-        saved = {k: inner.__dict__.get(k, _MISSING) for k in ("grad_scale", "found_inf")}
-        inner.grad_scale = plan.grad_scale  # type: ignore[attr-defined]
-        inner.found_inf = plan.found_inf  # type: ignore[attr-defined]
+        saved = hand_over(self.optimizer, plan)
         try:
             yield
         finally:
-            for key, value in saved.items():
-                if value is _MISSING:
-                    inner.__dict__.pop(key, None)
-                else:
-                    inner.__dict__[key] = value
+            take_back(self.optimizer, saved)
 
     def _step_with_closure(self, closure: Callable[[], float]) -> float:
         evaluations = 0
@@ -367,7 +379,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
             if self._closure_required and self.nonfinite == "skip"
             else None
         )
-        plans: list[_Plan] = []
+        saved: list[dict[str, Any]] = []
 
         def clipped_closure() -> float:
             nonlocal evaluations
@@ -378,10 +390,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
             if plan is _SKIP:
                 raise _SkipStep(loss)
             if isinstance(plan, _FusedPlan):
-                # The optimizer reads grad_scale/found_inf after calling the closure.
-                plans.append(plan)
-                self.optimizer.grad_scale = plan.grad_scale  # type: ignore[attr-defined]
-                self.optimizer.found_inf = plan.found_inf  # type: ignore[attr-defined]
+                # The optimizer reads grad_scale/found_inf after calling the closure; the
+                # latest evaluation's plan counts, the first hand-over saved the original.
+                original = hand_over(self.optimizer, plan)
+                if not saved:
+                    saved.append(original)
             return loss
 
         try:
@@ -401,9 +414,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 self._restore(snapshot)
             return cast(float, skip.loss)
         finally:
-            if plans:
-                self.optimizer.__dict__.pop("grad_scale", None)
-                self.optimizer.__dict__.pop("found_inf", None)
+            if saved:
+                take_back(self.optimizer, saved[0])
 
     def _snapshot(self) -> dict[str, Any]:
         return {

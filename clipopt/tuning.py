@@ -799,15 +799,11 @@ def tune(
         strategy = suggest_strategy(trial, names, spaces=spaces, prefix=prefix)
         try:
             value = float(objective(trial, strategy))
-        except Diverged as diverged:
+            if not math.isfinite(value):
+                _handle_nonfinite(trial, on_nonfinite, penalty, value, None)
+        except Diverged as diverged:  # from the reporter, or from the line above
             trial.set_user_attr("clipopt:penalized", True)
             return diverged.penalty
-        if not math.isfinite(value):
-            try:
-                _handle_nonfinite(trial, on_nonfinite, penalty, value, None)
-            except Diverged as diverged:
-                trial.set_user_attr("clipopt:penalized", True)
-                return diverged.penalty
         return value
 
     budget = optuna.study.MaxTrialsCallback(

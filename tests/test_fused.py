@@ -201,3 +201,30 @@ def test_layout_follows_param_group_changes():
         [p.grad for p in model.parameters() if p.grad is not None]
     )
     torch.testing.assert_close(opt.last_stats.norm, expected)
+
+
+def test_fused_path_with_a_closure_equals_without():
+    model_a = _model()
+    model_b = copy.deepcopy(model_a)
+    with_closure = ClippedOptimizer(
+        torch.optim.AdamW(model_a.parameters(), lr=0.01, fused=True), max_norm=0.05
+    )
+    plain = ClippedOptimizer(
+        torch.optim.AdamW(model_b.parameters(), lr=0.01, fused=True), max_norm=0.05
+    )
+    for batch in batches(4):
+
+        def closure(batch=batch):
+            with_closure.zero_grad()
+            loss = loss_of(model_a, batch)
+            loss.backward()
+            return loss
+
+        with_closure.step(closure)
+        plain.zero_grad()
+        loss_of(model_b, batch).backward()
+        plain.step()
+        assert "grad_scale" not in vars(with_closure.optimizer)  # taken back
+    assert with_closure.counts()["clipped_steps"] > 0
+    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(a, b)
