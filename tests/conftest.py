@@ -85,6 +85,18 @@ def batches(n: int, dtype: torch.dtype = torch.float32, seed: int = 1):
     ]
 
 
+def load_script(path):
+    """Import a script (an example, the benchmark) by file path, as a module."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def loss_of(model: torch.nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return torch.nn.functional.mse_loss(model(x), y)

@@ -7,7 +7,7 @@ import torch
 import clipopt
 from clipopt import ClippedOptimizer
 from tests.conftest import batches, loss_of
-from tests.test_optimizer import _model
+from tests.test_optimizer import _model, _train
 
 CASES = [
     pytest.param(
@@ -54,10 +54,7 @@ def test_attach_skips_nonfinite_steps_and_keeps_state_in_the_state_dict():
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     attached = clipopt.attach(opt, clipopt.PercentileClip(50, window=4))
     data = batches(4)
-    for batch in data[:2]:
-        opt.zero_grad()
-        loss_of(model, batch).backward()
-        opt.step()
+    _train(model, opt, data[:2])
     params = [p.detach().clone() for p in model.parameters()]
     steps = {k: v["step"].clone() for k, v in opt.state_dict()["state"].items()}
     opt.zero_grad()

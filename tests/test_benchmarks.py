@@ -1,16 +1,15 @@
 """The benchmark script runs end to end (speed is measured by make bench, not here)."""
 
-import importlib.util
 import json
 import pathlib
+
+from tests.conftest import load_script
 
 BENCH = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_step.py"
 
 
 def test_benchmark_quick_mode_writes_results(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script(BENCH)
     results = bench.main(["--quick", "--layouts", "B", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "quick.json").read_text())
     assert data["results"]["cpu"].keys() == results["cpu"].keys() == {"B 2M/2000"}

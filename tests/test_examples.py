@@ -1,14 +1,12 @@
-import importlib.util
 import pathlib
+
+from tests.conftest import load_script
 
 EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py")
 
 
 def test_quickstart_resumes_bitwise_and_clips():

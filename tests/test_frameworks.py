@@ -1,21 +1,18 @@
 """The framework recipes of examples/frameworks, run for real where they install."""
 
-import importlib.util
 import pathlib
 
 import pytest
 import torch
 
 import clipopt
+from tests.conftest import load_script
 
 FRAMEWORKS = pathlib.Path(__file__).parent.parent / "examples" / "frameworks"
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, FRAMEWORKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(FRAMEWORKS / f"{name}.py")
 
 
 def test_lightning_recipe():

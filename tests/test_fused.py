@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import clipopt
 from clipopt import ClippedOptimizer
 from tests.conftest import batches, loss_of
-from tests.test_optimizer import _model
+from tests.test_optimizer import _model, _train
 
 FUSED = [
     pytest.param(torch.optim.Adam, {}, id="Adam"),
@@ -60,10 +60,7 @@ def test_fused_skip_leaves_params_moments_and_step_untouched(cls, kwargs):
     model = _model()
     opt = ClippedOptimizer(cls(model.parameters(), lr=0.01, fused=True, **kwargs))
     data = batches(3)
-    for batch in data[:2]:
-        opt.zero_grad()
-        loss_of(model, batch).backward()
-        opt.step()
+    _train(model, opt, data[:2])
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.optimizer.state_dict()["state"])
     opt.zero_grad()

@@ -6,7 +6,7 @@ import torch
 
 from clipopt import ClippedOptimizer
 from tests.conftest import batches, loss_of
-from tests.test_optimizer import Recording, _model
+from tests.test_optimizer import Recording, _model, _train
 
 
 def _poison(model, value=math.nan):
@@ -43,10 +43,7 @@ def test_skip_leaves_everything_untouched(bad):
     strategy = Recording(0.3)
     opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1), strategy)
     data = batches(3)
-    for batch in data[:2]:
-        opt.zero_grad()
-        loss_of(model, batch).backward()
-        opt.step()
+    _train(model, opt, data[:2])
     params = [p.detach().clone() for p in model.parameters()]
     inner = _state_snapshot(opt)
     own = copy.deepcopy(opt.state_dict()["clipopt"])
