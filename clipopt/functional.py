@@ -215,7 +215,7 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = No
         coef: 0-dim tensor; copied once to each device.
         foreach: ``None`` picks the foreach kernels where the device supports them.
     """
-    if _is_cpu_one(coef):
+    if is_cpu_one(coef):
         return
     for device, group in _groups(_locals(tensors)):
         coef_on_device = coef.to(device)
@@ -231,21 +231,11 @@ def is_host_readable(tensor: Tensor) -> bool:
 
     Always False for other devices, fake or meta tensors, and under ``torch.compile``.
     """
-    return _host_readable(tensor)
-
-
-def _host_readable(tensor: Tensor) -> bool:
-    """A real CPU tensor outside torch.compile: reading it costs no device sync."""
     return (
         type(tensor) is Tensor
         and tensor.device.type == "cpu"
         and not torch.compiler.is_compiling()
     )
-
-
-def _is_cpu_one(coef: Tensor) -> bool:
-    """True for a real CPU tensor whose entries all equal 1, outside torch.compile."""
-    return _host_readable(coef) and bool((coef == 1.0).all())
 
 
 def is_cpu_one(coef: Tensor) -> bool:
@@ -254,12 +244,12 @@ def is_cpu_one(coef: Tensor) -> bool:
     Always False for other devices, fake or meta tensors, and under ``torch.compile``,
     so checking it never stalls an accelerator.
     """
-    return _is_cpu_one(coef)
+    return is_host_readable(coef) and bool((coef == 1.0).all())
 
 
 def is_cpu_false(flag: Tensor) -> bool:
     """Whether a boolean ``flag`` is a CPU tensor holding False (see ``is_cpu_one``)."""
-    return _host_readable(flag) and not bool(flag.any())
+    return is_host_readable(flag) and not bool(flag.any())
 
 
 def finite(tensor: Tensor) -> Tensor:
@@ -384,11 +374,9 @@ def _grouped_positions(
     tensors: Sequence[Tensor],
 ) -> Iterator[tuple[torch.device, list[Tensor], list[int]]]:
     """Yield (device, tensors, their positions) for each (device, dtype) group."""
-    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_key.setdefault((t.device, t.dtype), []).append(i)
-    for (device, _dtype), positions in by_key.items():
-        yield device, [tensors[i] for i in positions], positions
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    for (device, _dtype), ([group], positions) in grouped.items():
+        yield device, list(group), list(positions)  # type: ignore[arg-type]
 
 
 def scale_each_(
