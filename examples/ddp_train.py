@@ -56,6 +56,7 @@ def main(steps: int = 50) -> bool:
     if rank == 0:
         print(f"clipped {opt.counts()['clipped_steps']} of {opt.counts()['steps']} steps")
         print(f"ranks agree: {agree}")
+    dist.barrier()  # every rank done before any tears the group down (gloo aborts else)
     dist.destroy_process_group()
     return agree
 
