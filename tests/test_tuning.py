@@ -156,7 +156,14 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     workers = [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "tuning_worker.py"), url, "10", str(i)],
+            [
+                sys.executable,
+                str(ROOT / "tests" / "tuning_worker.py"),
+                url,
+                "10",
+                str(i),
+                str(tmp_path),
+            ],
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
