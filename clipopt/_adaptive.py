@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -184,7 +185,12 @@ class PercentileClip(_Stateful):
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total ``norm_type``-norm of the gradients."""
         return F.total_norm(
-            inputs.grads, self.norm_type, foreach=self.foreach, group=inputs.process_group
+            inputs.grads,
+            self.norm_type,
+            foreach=self.foreach,
+            uniform=inputs.uniform,
+            group=inputs.process_group,
+            batches=inputs.batches,
         )
 
     def supports_coefficient(self) -> bool:
@@ -399,7 +405,12 @@ class ZScoreClip(_Stateful):
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total L2 norm of the gradients."""
         return F.total_norm(
-            inputs.grads, 2.0, foreach=self.foreach, group=inputs.process_group
+            inputs.grads,
+            2.0,
+            foreach=self.foreach,
+            uniform=inputs.uniform,
+            group=inputs.process_group,
+            batches=inputs.batches,
         )
 
     def supports_coefficient(self) -> bool:
@@ -723,19 +734,18 @@ class AGC(ClipStrategy):
 
         The unit norms are kept for :meth:`clip_`, so the gradients are read once.
         """
-        included, groups, excluded_at = self._plan(inputs)
+        plan = self._plan(inputs)
         dtype = inputs.grads[0].dtype
         device = inputs.grads[0].device
         units = [
-            self._unit_norms([inputs.grads[included[k]] for k in positions], (n, "grad"))
-            for n, positions in enumerate(groups)
+            self._unit_norms(_gather(inputs.grads, at), (n, "grad"))
+            for n, at in enumerate(plan.grad_at)
         ]
         device = units[0].device if units else device
-        split = self._split_groups(inputs, included, groups)
         squares = _sum_squares(
-            [u.square().sum().to(device, dtype) for u in units], split, inputs
+            [u.square().sum().to(device, dtype) for u in units], plan.split, inputs
         )
-        excluded = [inputs.grads[i] for i in excluded_at]
+        excluded = _gather(inputs.grads, plan.excluded)
         excluded_sq = (
             F.tensor_norms(excluded, foreach=self.foreach, group=inputs.process_group)
             .square()
@@ -749,17 +759,16 @@ class AGC(ClipStrategy):
         self._cache_units: _AGCUnits | None = (inputs, units, excluded_sq)
         return torch.stack(squares).sum().sqrt()
 
-    def _plan(self, inputs: ClipInputs) -> tuple[list[int], list[list[int]], list[int]]:
-        """Included positions, same-shaped groups of them, and the excluded positions.
+    def _plan(self, inputs: ClipInputs) -> _AGCPlan:
+        """Which gradients are clipped, grouped by shape: all that the parameters decide.
 
-        The groups hold positions into the included list.
-
-        Depends only on the parameters, so it is cached while the wrapper passes the same
-        parameter layout (it does while the param groups do not change).
+        Cached while the wrapper passes the same parameter list (it does while the param
+        groups do not change), so a step does no per-tensor Python work beyond gathering
+        the gradients.
         """
-        cached = getattr(self, "_cache_plan", None)
-        if cached is not None and cached[0] is inputs.params:
-            return cached[1], cached[2], cached[3]
+        cached: _AGCPlan | None = getattr(self, "_cache_plan", None)
+        if cached is not None and cached.params is inputs.params:
+            return cached
         included = self._included(inputs)
         groups: dict[Any, list[int]] = {}
         for k, i in enumerate(included):
@@ -770,10 +779,12 @@ class AGC(ClipStrategy):
             key = (tuple(g.shape), g.dtype, g.device, p.dtype) if g.numel() <= 65536 else k
             groups.setdefault(key, []).append(k)
         kept = set(included)
-        excluded = [i for i in range(len(inputs.grads)) if i not in kept]
         _check_agc_placements(inputs)
-        plan = (included, list(groups.values()), excluded)
-        self._cache_plan = (inputs.params, *plan)
+        plan = _AGCPlan(
+            inputs.params, included, list(groups.values()),
+            [i for i in range(len(inputs.grads)) if i not in kept],
+        )  # fmt: skip
+        self._cache_plan = plan
         self._cache_buffers: dict[tuple[int, str], Tensor] = {}
         self._cache_views: tuple[list[Tensor], list[Tensor]] | None = None
         return plan
@@ -811,14 +822,12 @@ class AGC(ClipStrategy):
             cached, self._cache_units = self._cache_units, None
         assert cached is not None
         _, units, excluded_sq = cached
-        included, groups, _ = self._plan(inputs)
-        grads = [inputs.grads[i] for i in included]
+        plan = self._plan(inputs)
         post_sq: list[Tensor] = []
         any_clipped: list[Tensor] = []
         group_coefs = []
-        for n, (positions, grad_norms) in enumerate(zip(groups, units, strict=True)):
-            weights = [inputs.params[included[k]] for k in positions]
-            weight_norms = self._unit_norms(weights, (n, "param"))
+        for n, grad_norms in enumerate(units):
+            weight_norms = self._unit_norms(plan.weights[n], (n, "param"))
             limit = weight_norms.clamp(min=self.eps) * clipping
             coef = torch.where(
                 grad_norms < limit,
@@ -827,34 +836,27 @@ class AGC(ClipStrategy):
             )
             post_sq.append((grad_norms * coef).square().sum().to(norm.device, norm.dtype))
             any_clipped.append((coef < 1).any().to(norm.device))
-            group_coefs.append(coef.to(grads[positions[0]].dtype))
-        coefs = self._per_tensor(group_coefs, groups, len(included))
+            group_coefs.append(coef.to(inputs.grads[plan.grad_at[n][0]].dtype))
+        coefs = self._per_tensor(group_coefs, plan.groups, len(plan.included))
         clipped = (
             _reduce_any(torch.stack(any_clipped).any(), inputs)
             if any_clipped
             else torch.zeros_like(norm, dtype=torch.bool)
         )
-        post_sq = _sum_squares(
-            post_sq, self._split_groups(inputs, included, groups), inputs
-        )
+        post_sq = _sum_squares(post_sq, plan.split, inputs)
         if excluded_sq is not None:
             post_sq.append(excluded_sq)
-        if grads and not F.is_cpu_false(clipped):
-            # uniform gradients get coefficients of their own dtype (see above)
-            F.scale_each_(grads, coefs, foreach=self.foreach, uniform=inputs.uniform)
+        if plan.included and not F.is_cpu_false(clipped):
+            # gradients get coefficients of their own dtype (see above)
+            F.scale_each_(
+                _gather(inputs.grads, plan.included),
+                coefs,
+                foreach=self.foreach,
+                uniform=inputs.uniform or plan.uniform,
+            )
         post = torch.stack(post_sq).sum().sqrt() if post_sq else torch.zeros_like(norm)
         total_coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
         return ClipResult(torch.full_like(norm, clipping), total_coef, clipped)
-
-    @staticmethod
-    def _split_groups(
-        inputs: ClipInputs, included: list[int], groups: list[list[int]]
-    ) -> list[bool]:
-        """Per group: are its units split over ranks (norms already global)?"""
-        return [
-            F._is_dtensor(g) and g.dim() <= 1
-            for g in (inputs.grads[included[positions[0]]] for positions in groups)
-        ]
 
     def _per_tensor(
         self, group_coefs: list[Tensor], groups: list[list[int]], count: int
@@ -921,6 +923,44 @@ class AGC(ClipStrategy):
 
 
 _AGCUnits = tuple[ClipInputs, list[Tensor], Tensor | None]
+
+
+def _gather(items: Sequence[Tensor], at: list[int]) -> list[Tensor]:
+    """``[items[i] for i in at]``, in C outside torch.compile (thousands of gradients)."""
+    if len(at) == len(items) and at == list(range(len(items))):
+        return list(items)
+    if len(at) > 1 and not torch.compiler.is_compiling():
+        return list(operator.itemgetter(*at)(items))
+    return [items[i] for i in at]
+
+
+class _AGCPlan:
+    """What AGC derives from the parameter list alone, built once per layout.
+
+    Gradients share their parameter's type, shape, dtype and device (torch enforces it
+    on assignment), so everything here can be read off the parameters.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        included: list[int],
+        groups: list[list[int]],
+        excluded: list[int],
+    ) -> None:
+        self.params = params
+        #: positions of the clipped gradients, and the excluded ones
+        self.included = included
+        self.excluded = excluded
+        #: same-shaped groups, as positions into ``included``
+        self.groups = groups
+        #: per group: positions into the gradient list, and the parameters themselves
+        self.grad_at = [[included[k] for k in positions] for positions in groups]
+        self.weights = [[params[i] for i in at] for at in self.grad_at]
+        #: per group: are its units split over ranks (their norms are then global)?
+        self.split = [F._is_dtensor(w[0]) and w[0].dim() <= 1 for w in self.weights]
+        kinds = {(p.device, p.dtype) for p in (params[i] for i in included)}
+        self.uniform = len(kinds) == 1 and not any(F._is_dtensor(p) for p in params)
 
 
 def _dtensor_group(inputs: ClipInputs) -> Any:

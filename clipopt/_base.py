@@ -6,10 +6,13 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from . import functional as F
 
 __all__ = ["ClipInputs", "ClipResult", "ClipStats", "ClipStrategy"]
 
@@ -40,6 +43,10 @@ class ClipInputs:
         process_group: The ``torch.distributed`` group over which plain-tensor
             gradients are shards (hand-made model parallelism, FSDP1), or None. Norms
             pass it to ``functional.total_norm`` / ``tensor_norms``.
+        batches: How to batch the norms of many small gradients
+            (:class:`clipopt.functional.NormBatches`), built by the wrapper once per
+            layout; None when it does not apply. Norms pass it to
+            ``functional.total_norm`` / ``tensor_norms``: same bits, fewer ops.
     """
 
     params: Sequence[Tensor]
@@ -52,6 +59,7 @@ class ClipInputs:
     names: Sequence[str] | None = None
     uniform: bool = False
     process_group: Any = None
+    batches: F.NormBatches | None = None
 
     def __post_init__(self) -> None:
         if not self.indices:

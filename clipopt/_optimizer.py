@@ -42,6 +42,7 @@ class _Layout:
     group_index: tuple[int, ...]
     names: tuple[str, ...] | None
     uniform: bool  # one device and one dtype (a .grad always matches its parameter's)
+    batches: F.NormBatches | None  # batched norms of small CPU gradients, if any
 
 
 @dataclass(frozen=True)
@@ -463,13 +464,16 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 params.append(p)
                 group_index.append(g)
                 names.append(None if group_names is None else group_names[i])
+        uniform = len({(p.device, p.dtype, type(p.data)) for p in params}) <= 1
+        batches = F.NormBatches(params) if uniform and params else None
         layout = _Layout(
             groups=groups,
             lists=tuple((g["params"], len(g["params"])) for g in groups),
             params=tuple(params),
             group_index=tuple(group_index),
             names=None if None in names else tuple(cast(list[str], names)),
-            uniform=len({(p.device, p.dtype, type(p.data)) for p in params}) <= 1,
+            uniform=uniform,
+            batches=batches if batches is not None and batches.active else None,
         )
         self._layout = layout
         self._sparse_checked = False
@@ -493,6 +497,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 layout.names,
                 layout.uniform,
                 self._group.value,
+                layout.batches,
             )
         keep = [i for i, g in enumerate(grads) if g is not None]
         if not keep:

@@ -60,7 +60,11 @@ class _PerTensorNorms:
     def compute(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
         self._inputs = inputs
         self._norms = F.tensor_norms(
-            inputs.grads, norm_type, foreach=foreach, group=inputs.process_group
+            inputs.grads,
+            norm_type,
+            foreach=foreach,
+            group=inputs.process_group,
+            batches=inputs.batches,
         )
         return self._norms
 
@@ -69,7 +73,11 @@ class _PerTensorNorms:
         self._inputs = self._norms = None
         if norms is None:
             norms = F.tensor_norms(
-                inputs.grads, norm_type, foreach=foreach, group=inputs.process_group
+                inputs.grads,
+                norm_type,
+                foreach=foreach,
+                group=inputs.process_group,
+                batches=inputs.batches,
             )
         return norms
 
@@ -148,6 +156,7 @@ class NormClip(ClipStrategy):
                 foreach=self.foreach,
                 uniform=inputs.uniform,
                 group=inputs.process_group,
+                batches=inputs.batches,
             )
         norms = self._cache.compute(inputs, self.norm_type, self.foreach)
         total: Tensor = torch.linalg.vector_norm(norms, self.norm_type)
@@ -256,7 +265,12 @@ class ValueClip(ClipStrategy):
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the largest absolute gradient entry."""
         return F.total_norm(
-            inputs.grads, math.inf, foreach=self.foreach, group=inputs.process_group
+            inputs.grads,
+            math.inf,
+            foreach=self.foreach,
+            uniform=inputs.uniform,
+            group=inputs.process_group,
+            batches=inputs.batches,
         )
 
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:

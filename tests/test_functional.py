@@ -166,3 +166,81 @@ def test_zero_stays_zero(shape, max_norm):
     F.clamp_(grads, max_norm)
     assert norm == 0
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+# -- NormBatches: batched norms of many small CPU tensors ------------------------------
+
+
+@st.composite
+def small_layouts(draw):
+    """Many tensors in a few repeated shapes (some big, empty or 0-dim), shuffled."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    kinds = draw(
+        st.lists(
+            st.lists(st.integers(0, 70), min_size=0, max_size=3).map(tuple),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    counts = draw(st.lists(st.integers(1, 12), min_size=len(kinds), max_size=len(kinds)))
+    shapes = [s for s, n in zip(kinds, counts, strict=True) for _ in range(n)]
+    shapes += [(3000,)] * draw(st.integers(0, 5))  # above max_numel: never batched
+    order = draw(st.permutations(range(len(shapes))))
+    g = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    return [
+        (scale * torch.randn(shapes[i], generator=g, dtype=torch.float64)).to(dtype)
+        for i in order
+    ]
+
+
+@given(tensors=small_layouts(), norm_type=st.sampled_from(NORM_TYPES))
+def test_norm_batches_give_the_same_bits(tensors, norm_type):
+    batches = F.NormBatches(tensors)
+    got = F.tensor_norms(tensors, norm_type, batches=batches)
+    want = F.tensor_norms(tensors, norm_type)
+    assert torch.equal(got, want)
+    if not math.isinf(norm_type) or all(t.numel() for t in tensors):
+        ref = torch.nn.utils.get_total_norm(tensors, norm_type)
+        assert torch.equal(F.total_norm(tensors, norm_type, batches=batches), ref)
+    # a second step (buffers reused) with new values
+    fresh = [2.5 * t for t in tensors]
+    assert torch.equal(
+        F.tensor_norms(fresh, norm_type, batches=batches), F.tensor_norms(fresh, norm_type)
+    )
+
+
+def test_norm_batches_batch_only_what_pays():
+    repeated = [torch.randn(8, 8) for _ in range(10)]
+    assert F.NormBatches(repeated).active
+    assert not F.NormBatches(repeated[:3]).active  # too few of one shape
+    assert not F.NormBatches([torch.randn(4096) for _ in range(10)]).active  # too big
+    assert not F.NormBatches([torch.randn(8, 8).t() for _ in range(10)]).active
+    mixed = [*repeated, torch.randn(8, 8, dtype=torch.float64)]
+    assert not F.NormBatches(mixed).active  # one dtype only
+    meta = [torch.empty(8, 8, device="meta") for _ in range(10)]
+    assert not F.NormBatches(meta).active
+
+
+def test_norm_batches_ignored_where_they_do_not_apply():
+    tensors = [torch.randn(8) for _ in range(10)]
+    batches = F.NormBatches(tensors)
+    assert batches.applies(tensors)
+    assert not batches.applies(tensors[:9])  # another layout: the plain path
+    assert torch.equal(
+        F.total_norm(tensors[:9], batches=batches), F.total_norm(tensors[:9])
+    )
+    meta = [torch.empty(8, device="meta") for _ in range(10)]
+    assert not batches.applies(meta)
+    assert F.total_norm(meta, batches=batches).device.type == "meta"
+
+
+def test_norm_batches_keep_nonfinite_entries():
+    tensors = [torch.randn(8) for _ in range(10)]
+    tensors[3][2] = math.nan
+    tensors[7][0] = math.inf
+    norms = F.tensor_norms(tensors, batches=F.NormBatches(tensors))
+    assert math.isnan(norms[3])
+    assert math.isinf(norms[7])
+    assert torch.isfinite(norms[[0, 1, 2, 4, 5, 6, 8, 9]]).all()

@@ -22,8 +22,18 @@ STRATEGIES = {
 }
 
 
-def _twin_run(cls, kwargs, strategy, dtype, steps=6):
-    model_a = make_model(cls, dtype)
+def _deep_model(cls, dtype):
+    """Many same-shaped small tensors: the wrapper batches their norms (NormBatches)."""
+    bias = cls is not torch.optim.Muon
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(6, 5, bias=bias), torch.nn.Tanh()]
+    for _ in range(5):
+        layers += [torch.nn.Linear(5, 5, bias=bias), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(5, 3, bias=bias)).to(dtype)
+
+
+def _twin_run(cls, kwargs, strategy, dtype, steps=6, model=make_model):
+    model_a = model(cls, dtype)
     model_b = copy.deepcopy(model_a)
     name, skw = STRATEGIES[strategy]
     opt_a = clipopt.ClippedOptimizer(cls(model_a.parameters(), **kwargs), name, **skw)
@@ -84,6 +94,18 @@ def test_fused_path_takes_over_the_scaling_pass(cls):
     opt = _twin_run(cls, {"fused": True}, "norm", torch.float32)
     assert opt._fused_capable()
     assert "grad_scale" not in vars(opt.optimizer)  # handed over for the step only
+
+
+@pytest.mark.parametrize("strategy", ["norm", "norm-inf", "norm-p1.5", "value"])
+@pytest.mark.parametrize(("cls", "kwargs"), optimizer_variants())
+def test_batched_norms_stay_bit_identical(cls, kwargs, strategy):
+    """With norms batched over same-shaped tensors, still torch's bits."""
+    opt = _twin_run(cls, kwargs, strategy, torch.float32, model=_deep_model)
+    layout = opt._layout
+    assert layout is not None
+    assert layout.batches is not None
+    assert layout.batches.active
+    assert opt.counts()["clipped_steps"] >= 1
 
 
 def test_matrix_covers_every_torch_optimizer():
