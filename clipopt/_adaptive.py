@@ -52,6 +52,10 @@ class _Stateful(ClipStrategy):
 
     _state: dict[str, Tensor] | None = None
 
+    def exact_norms(self) -> bool:
+        """False: adaptive thresholds need accurate norms, not torch's exact bits."""
+        return False
+
     def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -633,14 +637,20 @@ class AdaGC(_Stateful):
         coefs = torch.where(warming, global_coef.expand_as(m), tensor_coef)
         factors = coefs.to(norm.dtype)
         if F.is_host_readable(factors):
-            # On the CPU, reading which tensors clip is free: scale only those.
+            # On the CPU, reading which tensors clip is free: scale only those, by
+            # Python floats (the same products as by 0-dim tensors of those values, and
+            # no thousands of tensor views), in one foreach call unless told otherwise.
             chosen = (factors < 1).nonzero().flatten().tolist()
             if chosen:
-                F.scale_each_(
-                    [inputs.grads[i] for i in chosen],
-                    list(factors[chosen].unbind()),
-                    foreach=self.foreach,
-                )
+                grads = _gather(inputs.grads, chosen)
+                values = (
+                    factors if len(chosen) == len(factors) else factors[chosen]
+                ).tolist()
+                if self.foreach is False:
+                    for grad, value in zip(grads, values, strict=True):
+                        grad.mul_(value)
+                else:
+                    torch._foreach_mul_(F._locals(grads), values)
         else:
             F.scale_each_(inputs.grads, factors.unbind(), foreach=self.foreach)
         take = usable & F.finite(m) & (m > 0)
@@ -715,6 +725,10 @@ class AGC(ClipStrategy):
             )
         self.exclude = items
         self.foreach = check_foreach(foreach)
+
+    def exact_norms(self) -> bool:
+        """False: AGC matches timm to float rounding, not torch's clipping bits."""
+        return False
 
     def hyperparameters(self) -> dict[str, Any]:
         """Return the constructor arguments (excluded parameters by name or shape)."""
@@ -1053,6 +1067,10 @@ class Chain(ClipStrategy):
                     f"Chain members must be strategies or registered names, got {s!r}"
                 )
         self.strategies = tuple(members)
+
+    def exact_norms(self) -> bool:
+        """True if any member needs torch's exact bits."""
+        return any(s.exact_norms() for s in self.strategies)
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the first strategy's statistic."""

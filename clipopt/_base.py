@@ -173,6 +173,18 @@ class ClipStrategy(ABC):
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Clip ``inputs.grads`` in place given ``norm`` from :meth:`measure`."""
 
+    def exact_norms(self) -> bool:
+        """Whether this strategy's norms must have torch's exact bits.
+
+        True (the default) for strategies promised bit-identical to torch's clipping
+        (``"norm"``, ``"value"``); the adaptive strategies return False, which lets the
+        wrapper take large gradients' 2-norms from faster and more accurate dot products
+        (see :class:`clipopt.functional.NormBatches`). On the fused path every strategy
+        gets them: the kernel's result differs from clip-then-step in the last bits
+        anyway.
+        """
+        return True
+
     def supports_coefficient(self) -> bool:
         """Whether this strategy clips by one factor that :meth:`clip_coefficient` returns.
 

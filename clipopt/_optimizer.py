@@ -43,6 +43,7 @@ class _Layout:
     names: tuple[str, ...] | None
     uniform: bool  # one device and one dtype (a .grad always matches its parameter's)
     batches: F.NormBatches | None  # batched norms of small CPU gradients, if any
+    fast: F.NormBatches | None  # the same, plus dot products: for the fused path only
 
 
 @dataclass(frozen=True)
@@ -466,6 +467,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 names.append(None if group_names is None else group_names[i])
         uniform = len({(p.device, p.dtype, type(p.data)) for p in params}) <= 1
         batches = F.NormBatches(params) if uniform and params else None
+        fast = F.NormBatches(params, exact=False) if uniform and params else None
         layout = _Layout(
             groups=groups,
             lists=tuple((g["params"], len(g["params"])) for g in groups),
@@ -474,13 +476,20 @@ class ClippedOptimizer(torch.optim.Optimizer):
             names=None if None in names else tuple(cast(list[str], names)),
             uniform=uniform,
             batches=batches if batches is not None and batches.active else None,
+            fast=fast if fast is not None and fast.active else None,
         )
         self._layout = layout
         self._sparse_checked = False
         return layout
 
-    def _inputs(self) -> ClipInputs | None:
-        """Collect the parameters with a gradient and where they sit; None if none."""
+    def _inputs(self, fast: bool = False) -> ClipInputs | None:
+        """Collect the parameters with a gradient and where they sit; None if none.
+
+        ``fast``: norms may come from faster and more accurate dot products
+        (``NormBatches(exact=False)``): the step goes through a fused kernel, whose
+        results differ from clip-then-step in the last bits anyway, or the strategy does
+        not promise torch's bits.
+        """
         layout = self._layout_for()
         grads = [p.grad for p in layout.params]
         step = self._calls - self._host_skips
@@ -497,7 +506,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 layout.names,
                 layout.uniform,
                 self._group.value,
-                layout.batches,
+                layout.fast if fast else layout.batches,
             )
         keep = [i for i, g in enumerate(grads) if g is not None]
         if not keep:
@@ -522,19 +531,20 @@ class ClippedOptimizer(torch.optim.Optimizer):
             None if names is None else [names[i] for i in keep],
             layout.uniform,
             self._group.value,
+            None if missing else layout.fast if fast else layout.batches,
         )
 
     @torch.no_grad()
     def _clip(self) -> _Plan:
         """Clip (or plan a fused clip); return _SKIP when the step must be skipped."""
-        inputs = self._inputs()
+        fused = self._fused_capable()
+        inputs = self._inputs(fused or not self.strategy.exact_norms())
         if inputs is None:
             self._warn_no_gradients()
             return None
         grads = inputs.grads
         amp_scale: Tensor | None = self.__dict__.get("grad_scale")  # set by GradScaler
         amp_found: Tensor | None = self.__dict__.get("found_inf")
-        fused = self._fused_capable()
         if self.nonfinite == "zero":
             nonfinite = torch.logical_not(F.finite(self.strategy.measure(inputs)))
             F.nonfinite_to_zero_(grads)

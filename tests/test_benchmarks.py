@@ -20,5 +20,11 @@ def test_benchmark_quick_mode_writes_results(tmp_path):
         assert ratios["torch clip_grad_norm_ + step"] == 1.0
         assert {f"clipopt {s}" for s in bench.STRATEGIES} <= set(ratios)
         assert all(r > 0 for r in ratios.values())
+        assert inner["ratio_to_floor"][bench.FLOOR] == 1.0
+        rates = inner["clip_rate"]
+        assert set(rates) == {f"clipopt {s}" for s in bench.STRATEGIES}
+        assert all(0.0 <= r <= 1.0 for r in rates.values())
+        assert rates["clipopt norm"] < 1.0  # only the spikes clip at max_norm=1
     report = (tmp_path / "quick.md").read_text()
     assert "| target | layout | measured | met |" in report
+    assert "(restated) adagc <= 1.10x norm + pass" in report

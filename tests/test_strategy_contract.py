@@ -211,3 +211,12 @@ def test_compiles_fullgraph(name):
         torch.testing.assert_close(coef, ref.coef)
         for a, b in zip(grads, expected, strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_only_torch_twins_demand_exact_norms():
+    assert clipopt.NormClip().exact_norms()
+    assert clipopt.ValueClip(1.0).exact_norms()
+    for name in ("percentile", "zscore", "adagc", "agc"):
+        assert not clipopt.get_strategy(name).exact_norms()
+    assert not clipopt.Chain("zscore", "agc").exact_norms()
+    assert clipopt.Chain("zscore", "norm").exact_norms()

@@ -120,3 +120,50 @@ def test_matrix_covers_every_torch_optimizer():
     ids = {p.id for p in optimizer_variants()}
     assert {"Adam-fused", "AdamW-fused", "SGD-fused", "Adagrad-fused"} <= ids
     assert {"Adam-foreach", "Adam-forloop", "LBFGS-forloop", "Muon-forloop"} <= ids
+
+
+def _wide_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 300), torch.nn.Tanh(), torch.nn.Linear(300, 300),
+        torch.nn.Tanh(), torch.nn.Linear(300, 3),
+    )  # fmt: skip
+
+
+def _one_step(opt, model):
+    opt.zero_grad()
+    x, y = batches(1)[0]
+    torch.nn.functional.mse_loss(model(x), 30 * y).backward()
+    ref = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    opt.step()
+    return ref
+
+
+def test_exact_path_keeps_torch_bits_with_large_tensors():
+    model = _wide_model()  # a 90,000-element weight: a dot product would change bits
+    opt = clipopt.ClippedOptimizer(torch.optim.AdamW(model.parameters()), "norm")
+    ref = _one_step(opt, model)
+    assert torch.equal(opt.last_stats.norm, ref)
+    assert opt._layout.fast is not None  # available, but not for this strategy
+
+
+@pytest.mark.parametrize(
+    ("strategy", "fused"), [("norm", True), ("zscore", False), ("adagc", False)]
+)
+def test_fast_norms_where_bits_are_not_promised(strategy, fused):
+    model = _wide_model()
+    inner = torch.optim.AdamW(model.parameters(), fused=fused)
+    opt = clipopt.ClippedOptimizer(inner, strategy)
+    seen = []
+    original = clipopt.functional.NormBatches.norms
+
+    def spy(self, *args):
+        seen.append(self.exact)
+        return original(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(clipopt.functional.NormBatches, "norms", spy)
+        ref = _one_step(opt, model)
+    assert seen
+    assert not any(seen)  # the dot-product plan
+    torch.testing.assert_close(opt.last_stats.norm, ref, rtol=1e-6, atol=0)
