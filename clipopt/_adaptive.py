@@ -21,7 +21,7 @@ from torch import Tensor
 from . import functional as F
 from ._base import ClipInputs, ClipResult, ClipStrategy
 from ._registry import get_strategy, register_strategy
-from ._strategies import _PerTensorNorms
+from ._strategies import _PerTensorNorms, _total_norm
 from ._validation import (
     Schedule,
     check_bool,
@@ -188,14 +188,7 @@ class PercentileClip(_Stateful):
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total ``norm_type``-norm of the gradients."""
-        return F.total_norm(
-            inputs.grads,
-            self.norm_type,
-            foreach=self.foreach,
-            uniform=inputs.uniform,
-            group=inputs.process_group,
-            batches=inputs.batches,
-        )
+        return _total_norm(inputs, self.norm_type, self.foreach)
 
     def supports_coefficient(self) -> bool:
         """True: one factor for all gradients."""
@@ -408,14 +401,7 @@ class ZScoreClip(_Stateful):
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total L2 norm of the gradients."""
-        return F.total_norm(
-            inputs.grads,
-            2.0,
-            foreach=self.foreach,
-            uniform=inputs.uniform,
-            group=inputs.process_group,
-            batches=inputs.batches,
-        )
+        return _total_norm(inputs, 2.0, self.foreach)
 
     def supports_coefficient(self) -> bool:
         """True: one factor for all gradients."""

@@ -50,6 +50,18 @@ def _group_members(inputs: ClipInputs) -> dict[int, list[int]]:
     return members
 
 
+def _total_norm(inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
+    """The total norm of ``inputs.grads``, with all the wrapper knows about them."""
+    return F.total_norm(
+        inputs.grads,
+        norm_type,
+        foreach=foreach,
+        uniform=inputs.uniform,
+        group=inputs.process_group,
+        batches=inputs.batches,
+    )
+
+
 class _PerTensorNorms:
     """Caches the per-tensor norms ``measure`` computed for ``clip_`` to reuse."""
 
@@ -150,14 +162,7 @@ class NormClip(ClipStrategy):
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total ``norm_type``-norm of the gradients."""
         if self.scope == "global":
-            return F.total_norm(
-                inputs.grads,
-                self.norm_type,
-                foreach=self.foreach,
-                uniform=inputs.uniform,
-                group=inputs.process_group,
-                batches=inputs.batches,
-            )
+            return _total_norm(inputs, self.norm_type, self.foreach)
         norms = self._cache.compute(inputs, self.norm_type, self.foreach)
         total: Tensor = torch.linalg.vector_norm(norms, self.norm_type)
         return total
@@ -264,14 +269,7 @@ class ValueClip(ClipStrategy):
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the largest absolute gradient entry."""
-        return F.total_norm(
-            inputs.grads,
-            math.inf,
-            foreach=self.foreach,
-            uniform=inputs.uniform,
-            group=inputs.process_group,
-            batches=inputs.batches,
-        )
+        return _total_norm(inputs, math.inf, self.foreach)
 
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Clamp the gradients to ``[-clip_value, clip_value]``."""
