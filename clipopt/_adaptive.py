@@ -737,10 +737,7 @@ class AGC(ClipStrategy):
         plan = self._plan(inputs)
         dtype = inputs.grads[0].dtype
         device = inputs.grads[0].device
-        units = [
-            self._unit_norms(_gather(inputs.grads, at), (n, "grad"))
-            for n, at in enumerate(plan.grad_at)
-        ]
+        units = [self._unit_norms(_gather(inputs.grads, at)) for at in plan.grad_at]
         device = units[0].device if units else device
         squares = _sum_squares(
             [u.square().sum().to(device, dtype) for u in units], plan.split, inputs
@@ -785,7 +782,6 @@ class AGC(ClipStrategy):
             [i for i in range(len(inputs.grads)) if i not in kept],
         )  # fmt: skip
         self._cache_plan = plan
-        self._cache_buffers: dict[tuple[int, str], Tensor] = {}
         self._cache_views: tuple[list[Tensor], list[Tensor]] | None = None
         return plan
 
@@ -827,7 +823,7 @@ class AGC(ClipStrategy):
         any_clipped: list[Tensor] = []
         group_coefs = []
         for n, grad_norms in enumerate(units):
-            weight_norms = self._unit_norms(plan.weights[n], (n, "param"))
+            weight_norms = self._unit_norms(plan.weights[n])
             limit = weight_norms.clamp(min=self.eps) * clipping
             coef = torch.where(
                 grad_norms < limit,
@@ -887,11 +883,12 @@ class AGC(ClipStrategy):
             buffer.copy_(coef)
         return cached[1]
 
-    def _unit_norms(self, tensors: list[Tensor], key: tuple[int, str]) -> Tensor:
+    def _unit_norms(self, tensors: list[Tensor]) -> Tensor:
         """Unit norms of same-shaped tensors, batched along a new dim 0.
 
-        The stacked copy goes into a buffer kept between steps (a fresh one would cost
-        page faults every step).
+        Outside torch.compile the tensors are stacked a chunk at a time into one
+        cache-sized buffer kept between steps (``functional._stacked_norms``): a
+        model-sized stack would cost page faults or a trip to memory every step.
         """
         if F._is_dtensor(tensors[0]) and tensors[0].dim() <= 1:
             # A whole-tensor unit sharded over ranks: reduce its norm (DTensor's own
@@ -900,26 +897,14 @@ class AGC(ClipStrategy):
         tensors = F._locals(tensors)  # rows of Shard(0) DTensors are whole locally
         if len(tensors) == 1:
             return F.unit_norms(tensors[0])[None]
-        buffers = getattr(self, "_cache_buffers", None)
-        if buffers is None:
-            buffers = self._cache_buffers = {}
-        shape = (len(tensors), *tensors[0].shape)
-        buffer = buffers.get(key)
-        if (
-            buffer is None
-            or tuple(buffer.shape) != shape
-            or buffer.dtype != tensors[0].dtype
-            or buffer.device != tensors[0].device
-            or torch.compiler.is_compiling()
-        ):
-            buffer = torch.empty(shape, dtype=tensors[0].dtype, device=tensors[0].device)
-            if not torch.compiler.is_compiling():
-                buffers[key] = buffer
-        stacked = torch.stack(tensors, out=buffer)
         rank = tensors[0].dim()
         dims = tuple(range(2, rank + 1)) if rank >= 2 else tuple(range(1, rank + 1))
-        result: Tensor = torch.linalg.vector_norm(stacked, dim=dims, keepdim=rank >= 2)
-        return result
+        if torch.compiler.is_compiling():
+            stacked = torch.stack(tensors)
+            result: Tensor = torch.linalg.vector_norm(stacked, dim=dims, keepdim=rank >= 2)
+            return result
+        self._cache_scratch = F._scratch(getattr(self, "_cache_scratch", None), tensors[0])
+        return F._stacked_norms(tensors, 2.0, dims, rank >= 2, self._cache_scratch)
 
 
 _AGCUnits = tuple[ClipInputs, list[Tensor], Tensor | None]

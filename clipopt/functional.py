@@ -118,20 +118,68 @@ def _use_foreach(tensors: list[Tensor], device: torch.device, foreach: bool | No
     return foreach
 
 
+#: Scratch for stacking small tensors a chunk at a time: small enough to stay in cache.
+_SCRATCH_BYTES = 1 << 19
+
+
+def _scratch(kept: Tensor | None, like: Tensor) -> Tensor:
+    """A cache-sized flat buffer of ``like``'s dtype and device (``kept`` if it fits)."""
+    if kept is not None and kept.dtype == like.dtype and kept.device == like.device:
+        return kept
+    return torch.empty(
+        max(_SCRATCH_BYTES // like.element_size(), like.numel()),
+        dtype=like.dtype,
+        device=like.device,
+    )
+
+
+def _stacked_norms(
+    tensors: Sequence[Tensor],
+    norm_type: float,
+    dim: tuple[int, ...] | None,
+    keepdim: bool,
+    scratch: Tensor,
+) -> Tensor:
+    """Norms along ``dim`` of same-shaped tensors stacked along a new dim 0.
+
+    ``dim=None``: the norm of each whole tensor (a 1-D result).
+
+    The tensors are stacked a chunk at a time into ``scratch`` (see :func:`_scratch`),
+    which stays in cache: stacking thousands of them into one big buffer would first
+    have to fetch that buffer from memory. Each chunk's norms are the same bits as the
+    whole stack's (rows are reduced independently).
+    """
+    count, shape, numel = len(tensors), tuple(tensors[0].shape), tensors[0].numel()
+    chunk = max(1, scratch.numel() // max(numel, 1))
+    parts = []
+    for start in range(0, count, chunk):
+        members = list(tensors[start : start + chunk])
+        size = len(members)
+        stacked = torch.stack(members, out=scratch[: size * numel].view(size, *shape))
+        if dim is None:
+            parts.append(torch.linalg.vector_norm(stacked.view(size, -1), norm_type, dim=1))
+        else:
+            parts.append(
+                torch.linalg.vector_norm(stacked, norm_type, dim=dim, keepdim=keepdim)
+            )
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class NormBatches:
     """A plan to take the norms of many small CPU tensors in a few batched ops.
 
     On the CPU ``torch._foreach_norm`` loops over its tensors one by one, at about a
     microsecond each, which dominates for thousands of small tensors (biases, norm
-    weights). Stacking same-shaped small tensors into one buffer and reducing each row
+    weights). Stacking same-shaped small tensors into a buffer and reducing each row
     gives the same bits, because the CPU kernel reduces a contiguous row exactly as it
     reduces a whole contiguous tensor (tests check this for every size, dtype and p), and
-    costs two ops per shape instead of one per tensor.
+    costs two ops per chunk of a shape instead of one per tensor. The chunks are stacked
+    into one cache-sized buffer (512 KiB), so the plan costs little memory and its
+    writes stay in cache.
 
     Build it once for a layout (the shapes, dtypes and devices of the tensors to come),
     then pass it to :func:`total_norm` / :func:`tensor_norms` every step with tensors of
-    that layout. It keeps one stacking buffer per shape, so it costs as much memory as the
-    batched tensors. It only ever batches real, contiguous CPU tensors of one dtype; for
+    that layout. It only ever batches real, contiguous CPU tensors of one dtype; for
     anything else (accelerators, fake or meta tensors, ``torch.compile``, DTensors, a
     list of another length) the functions ignore it.
 
@@ -201,7 +249,7 @@ class NormBatches:
         for k, i in enumerate(order):
             inverse[i] = k
         self._order = torch.tensor(inverse, dtype=torch.int64)
-        self._buffers: list[Tensor | None] = [None] * len(groups)
+        self._buffer: Tensor | None = None  # scratch for stacking, shared by the groups
         #: Whether the plan changes anything (else the functions need not use it).
         self.active = bool(groups or dots)
 
@@ -220,17 +268,10 @@ class NormBatches:
     ) -> Tensor:
         """The norm of each tensor, in input order, as one 1-D tensor."""
         parts = []
-        for n, (get, count) in enumerate(self._groups):
+        for get, _count in self._groups:
             members: tuple[Tensor, ...] = get(tensors)
-            first = members[0]
-            buffer = self._buffers[n]
-            if buffer is None or buffer.dtype != first.dtype:
-                buffer = torch.empty(count * first.numel(), dtype=first.dtype)
-                self._buffers[n] = buffer
-            stacked = torch.stack(members, out=buffer.view(count, *first.shape))
-            parts.append(
-                torch.linalg.vector_norm(stacked.view(count, -1), norm_type, dim=1)
-            )
+            self._buffer = _scratch(self._buffer, members[0])
+            parts.append(_stacked_norms(members, norm_type, None, False, self._buffer))
         if self._dots:
             big = [tensors[i] for i in self._dots]
             if norm_type == 2.0 and all(t.is_contiguous() for t in big):

@@ -292,3 +292,27 @@ def test_dot_norms_only_for_p2_and_not_when_exact():
         )
     half = [t.half() for t in tensors]  # no dot products below float32
     assert not F.NormBatches(half, exact=False).active
+
+
+@given(
+    count=st.integers(1, 40),
+    shape=st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple),
+    scratch_numel=st.integers(1, 400),
+    norm_type=st.sampled_from(NORM_TYPES),
+)
+def test_stacking_a_chunk_at_a_time_gives_the_same_bits(
+    count, shape, scratch_numel, norm_type
+):
+    g = torch.Generator().manual_seed(count)
+    tensors = [torch.randn(shape, generator=g) for _ in range(count)]
+    numel = tensors[0].numel()
+    scratch = torch.empty(max(scratch_numel, numel))  # forces several chunks
+    whole = torch.linalg.vector_norm(torch.stack(tensors).view(count, -1), norm_type, dim=1)
+    got = F._stacked_norms(tensors, norm_type, None, False, scratch)
+    assert torch.equal(got, whole)
+    if len(shape) >= 2:  # AGC's unit norms: rows along dim 0 of each tensor
+        dims = tuple(range(2, len(shape) + 1))
+        rows = torch.linalg.vector_norm(
+            torch.stack(tensors), norm_type, dim=dims, keepdim=True
+        )
+        assert torch.equal(F._stacked_norms(tensors, norm_type, dims, True, scratch), rows)
