@@ -115,19 +115,28 @@ class Gradients:
 
 
 def timm_agc(parameters: list[torch.Tensor], clip_factor: float = 0.01, eps: float = 1e-3):
-    """timm.utils.agc.adaptive_clip_grad: one parameter at a time."""
+    """The reference: timm's ``timm.utils.agc.adaptive_clip_grad`` (timm 1.0), op for op.
+
+    Re-written here (importing timm would pull in torchvision). Per parameter it issues
+    the same tensor operations as timm, including its ``detach()`` calls, and it runs
+    outside ``torch.no_grad()`` as timm's training script calls it. (An earlier copy
+    dropped the detaches and ran under ``no_grad``; that made the reference about 10%
+    faster than timm's function on 2,000 tensors.)
+    """
 
     def unitwise(x: torch.Tensor) -> torch.Tensor:
         if x.ndim <= 1:
             return x.norm(2.0)
         return x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
 
-    with torch.no_grad():
-        for p in parameters:
-            g = p.grad
-            limit = unitwise(p).clamp_(min=eps).mul_(clip_factor)
-            gn = unitwise(g)
-            p.grad.copy_(torch.where(gn < limit, g, g * (limit / gn.clamp(min=1e-6))))
+    for p in parameters:
+        if p.grad is None:
+            continue
+        weight, grad = p.detach(), p.grad.detach()
+        limit = unitwise(weight).clamp_(min=eps).mul_(clip_factor)
+        norms = unitwise(grad)
+        scaled = grad * (limit / norms.clamp(min=1e-6))
+        p.grad.detach().copy_(torch.where(norms < limit, grad, scaled))
 
 
 # -- the cases ----------------------------------------------------------------------------

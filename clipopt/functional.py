@@ -150,17 +150,24 @@ def _stacked_norms(
     whole stack's (rows are reduced independently).
     """
     count, shape, numel = len(tensors), tuple(tensors[0].shape), tensors[0].numel()
-    chunk = max(1, scratch.numel() // max(numel, 1))
+    chunk = min(count, max(1, scratch.numel() // max(numel, 1)))
+    full = scratch[: chunk * numel].view(chunk, *shape)  # made once, not per chunk
+    rows = full.view(chunk, -1) if dim is None else full
     parts = []
     for start in range(0, count, chunk):
         members = list(tensors[start : start + chunk])
         size = len(members)
-        stacked = torch.stack(members, out=scratch[: size * numel].view(size, *shape))
+        if size == chunk:
+            torch.stack(members, out=full)
+            batch = rows
+        else:  # the last, shorter chunk
+            batch = torch.stack(members, out=full[:size])
+            batch = batch.view(size, -1) if dim is None else batch
         if dim is None:
-            parts.append(torch.linalg.vector_norm(stacked.view(size, -1), norm_type, dim=1))
+            parts.append(torch.linalg.vector_norm(batch, norm_type, dim=1))
         else:
             parts.append(
-                torch.linalg.vector_norm(stacked, norm_type, dim=dim, keepdim=keepdim)
+                torch.linalg.vector_norm(batch, norm_type, dim=dim, keepdim=keepdim)
             )
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
