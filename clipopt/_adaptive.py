@@ -586,6 +586,19 @@ class AdaGC(_Stateful):
         self._cache_index = (inputs.params, indices, tensor)
         return tensor
 
+    def _factor_views(self, factors: Tensor) -> list[Tensor]:
+        """0-dim views of a kept buffer, filled with ``factors`` (host-readable path)."""
+        cached = getattr(self, "_cache_factors", None)
+        if (
+            cached is None
+            or cached[0].shape != factors.shape
+            or cached[0].dtype != factors.dtype
+        ):
+            buffer = torch.empty_like(factors)
+            cached = self._cache_factors = (buffer, list(buffer.unbind()))
+        cached[0].copy_(factors)
+        return cached[1]
+
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total L2 norm of the gradients (from per-tensor norms)."""
         norms = self._cache_norms.compute(inputs, 2.0, self.foreach)
@@ -623,20 +636,21 @@ class AdaGC(_Stateful):
         coefs = torch.where(warming, global_coef.expand_as(m), tensor_coef)
         factors = coefs.to(norm.dtype)
         if F.is_host_readable(factors):
-            # On the CPU, reading which tensors clip is free: scale only those, by
-            # Python floats (the same products as by 0-dim tensors of those values, and
-            # no thousands of tensor views), in one foreach call unless told otherwise.
+            # On the CPU, reading which tensors clip is free: scale only those, in one
+            # foreach call (unless told otherwise) by 0-dim views of a buffer kept
+            # between steps: making thousands of views each step would cost more, and
+            # Python floats are twice as slow in the CPU foreach loop.
             chosen = (factors < 1).nonzero().flatten().tolist()
             if chosen:
+                views = self._factor_views(factors)
+                if len(chosen) < len(views):
+                    views = _gather(views, chosen)
                 grads = _gather(inputs.grads, chosen)
-                values = (
-                    factors if len(chosen) == len(factors) else factors[chosen]
-                ).tolist()
                 if self.foreach is False:
-                    for grad, value in zip(grads, values, strict=True):
-                        grad.mul_(value)
+                    for grad, view in zip(grads, views, strict=True):
+                        grad.mul_(view)
                 else:
-                    torch._foreach_mul_(F._locals(grads), values)
+                    torch._foreach_mul_(F._locals(grads), views)
         else:
             F.scale_each_(inputs.grads, factors.unbind(), foreach=self.foreach)
         take = usable & F.finite(m) & (m > 0)
