@@ -43,7 +43,7 @@ class _Layout:
     names: tuple[str, ...] | None
     uniform: bool  # one device and one dtype (a .grad always matches its parameter's)
     batches: F.NormBatches | None  # batched norms of small CPU gradients, if any
-    fast: F.NormBatches | None  # the same, plus dot products: for the fused path only
+    fast: F.NormBatches | None  # plus dot products: fused path, non-exact strategies
 
 
 @dataclass(frozen=True)
