@@ -262,10 +262,16 @@ def test_fsdp1_with_process_group_uses_the_global_norm(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+# Repeated small shapes (their norms are batched: NormBatches) and large tensors (a dot
+# product where torch's bits are not promised), split evenly over the ranks: the ranks'
+# per-tensor norms are reduced element by element, so they hold as many tensors each.
+GROUP_SHAPES = [(5, 4), (7,), (3, 3), (6,)] * 5 + [(300, 300), (200, 400)]
+
+
 def _group_worker(rank):
     """Hand-made model parallelism: rank r owns the tensors r, r + 2, ... of a list."""
     g = torch.Generator().manual_seed(3)
-    grads = [torch.randn(s, generator=g) for s in [(5, 4), (7,), (3, 3), (6,)]]
+    grads = [torch.randn(s, generator=g) for s in GROUP_SHAPES]
     mine = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads[rank::WORLD]]
     for p, t in zip(mine, grads[rank::WORLD], strict=True):
         p.grad = t.clone()
@@ -299,6 +305,8 @@ def _group_worker(rank):
                 len(calls),
                 [p.grad.clone() for p in mine],
             )
+            assert opt._layout is not None
+            assert opt._layout.batches is not None
     finally:
         dist.all_reduce = original
     return results
@@ -308,7 +316,7 @@ def _group_worker(rank):
 def test_explicit_process_group_gives_global_norms_in_one_collective(tmp_path):
     r0, r1 = spawn(_group_worker, tmp_path)
     g = torch.Generator().manual_seed(3)
-    grads = [torch.randn(s, generator=g) for s in [(5, 4), (7,), (3, 3), (6,)]]
+    grads = [torch.randn(s, generator=g) for s in GROUP_SHAPES]
     total = torch.nn.utils.get_total_norm(grads)
     for name in ("norm", "adagc", "tensor"):
         stats0, calls0, _ = r0[name]
