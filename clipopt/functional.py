@@ -196,8 +196,9 @@ class NormBatches:
     accumulator: on this project's 2-core machine about 2.3x faster on 25M-50M
     parameters, and more accurate (on 50M standard-normal float32 entries torch's norm is
     0.4% off a float64 reference, the dot product 0.006%), but not bit-identical to
-    torch. The wrapper uses it only where results already differ from clip-then-step in
-    the last bits: on the fused path.
+    torch. The wrapper uses it on the fused path, whose results already differ from
+    clip-then-step in the last bits, and for strategies that do not promise torch's bits
+    (``ClipStrategy.exact_norms()``).
 
     Args:
         tensors: Tensors of the layout (parameters will do: a ``.grad`` has its
@@ -318,7 +319,9 @@ def total_norm(
             it in one ``all_reduce``. DTensors need none: their own collectives give the
             global norm (``full_tensor``).
         batches: A :class:`NormBatches` plan for this layout: the same bits with far
-            fewer ops for thousands of small CPU tensors. Ignored where it does not apply.
+            fewer ops for thousands of small CPU tensors (a plan built with
+            ``exact=False`` trades the bits of large tensors' 2-norms for speed and
+            accuracy). Ignored where it does not apply.
 
     Returns:
         A 0-dim tensor on ``tensors[0].device`` (the local shard's device for DTensors),
