@@ -21,6 +21,7 @@ import pathlib
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,10 @@ from typing import Any
 import torch
 
 import clipopt
+
+# The reference implementations live with the tests, which check them against clipopt.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from tests.reference import timm_adaptive_clip_grad
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 Step = Callable[[], None]
@@ -111,34 +116,6 @@ class Gradients:
             torch._foreach_mul_([p.grad for p in self.params], factor)
 
 
-# -- timm's AGC, the reference for the AGC target ----------------------------------------
-
-
-def timm_agc(parameters: list[torch.Tensor], clip_factor: float = 0.01, eps: float = 1e-3):
-    """The reference: timm's ``timm.utils.agc.adaptive_clip_grad`` (timm 1.0), op for op.
-
-    Re-written here (importing timm would pull in torchvision). Per parameter it issues
-    the same tensor operations as timm, including its ``detach()`` calls, and it runs
-    outside ``torch.no_grad()`` as timm's training script calls it. (An earlier copy
-    dropped the detaches and ran under ``no_grad``; that made the reference about 10%
-    faster than timm's function on 2,000 tensors.)
-    """
-
-    def unitwise(x: torch.Tensor) -> torch.Tensor:
-        if x.ndim <= 1:
-            return x.norm(2.0)
-        return x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
-
-    for p in parameters:
-        if p.grad is None:
-            continue
-        weight, grad = p.detach(), p.grad.detach()
-        limit = unitwise(weight).clamp_(min=eps).mul_(clip_factor)
-        norms = unitwise(grad)
-        scaled = grad * (limit / norms.clamp(min=1e-6))
-        p.grad.detach().copy_(torch.where(norms < limit, grad, scaled))
-
-
 # -- the cases ----------------------------------------------------------------------------
 
 
@@ -199,7 +176,7 @@ def clip_only_cases(grads: Gradients) -> dict[str, Step]:
 
     return {
         "agc clip only: clipopt": ours,
-        "agc clip only: timm adaptive_clip_grad": lambda: timm_agc(params),
+        "agc clip only: timm adaptive_clip_grad": lambda: timm_adaptive_clip_grad(params),
     }
 
 

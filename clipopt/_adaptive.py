@@ -642,9 +642,7 @@ class AdaGC(_Stateful):
             # Python floats are twice as slow in the CPU foreach loop.
             chosen = (factors < 1).nonzero().flatten().tolist()
             if chosen:
-                views = self._factor_views(factors)
-                if len(chosen) < len(views):
-                    views = _gather(views, chosen)
+                views = _gather(self._factor_views(factors), chosen)
                 grads = _gather(inputs.grads, chosen)
                 if self.foreach is False:
                     for grad, view in zip(grads, views, strict=True):
@@ -925,8 +923,12 @@ _AGCUnits = tuple[ClipInputs, list[Tensor], Tensor | None]
 
 
 def _gather(items: Sequence[Tensor], at: list[int]) -> list[Tensor]:
-    """``[items[i] for i in at]``, in C outside torch.compile (thousands of gradients)."""
-    if len(at) == len(items) and at == list(range(len(items))):
+    """``[items[i] for i in at]``, in C outside torch.compile (thousands of gradients).
+
+    ``at`` holds distinct positions in increasing order (every caller's), so as many
+    positions as items means all of them.
+    """
+    if len(at) == len(items):
         return list(items)
     if len(at) > 1 and not torch.compiler.is_compiling():
         return list(operator.itemgetter(*at)(items))

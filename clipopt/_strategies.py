@@ -81,16 +81,11 @@ class _PerTensorNorms:
         return self._norms
 
     def take(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
+        """The norms ``compute`` kept for these inputs (computed now if none)."""
         norms = self._norms if self._inputs is inputs else None
-        self._inputs = self._norms = None
         if norms is None:
-            norms = F.tensor_norms(
-                inputs.grads,
-                norm_type,
-                foreach=foreach,
-                group=inputs.process_group,
-                batches=inputs.batches,
-            )
+            norms = self.compute(inputs, norm_type, foreach)
+        self._inputs = self._norms = None
         return norms
 
 

@@ -179,7 +179,7 @@ class NormBatches:
     microsecond each, which dominates for thousands of small tensors (biases, norm
     weights). Stacking same-shaped small tensors into a buffer and reducing each row
     gives the same bits, because the CPU kernel reduces a contiguous row exactly as it
-    reduces a whole contiguous tensor (tests check this for every size, dtype and p), and
+    reduces a whole contiguous tensor (property-tested over shapes, dtypes and p), and
     costs two ops per chunk of a shape instead of one per tensor. The chunks are stacked
     into one cache-sized buffer (512 KiB), so the plan costs little memory and its
     writes stay in cache.
@@ -250,7 +250,7 @@ class NormBatches:
         groups = [at for at in shapes.values() if len(at) >= min_count]
         taken = {i for at in groups for i in at} | set(dots)
         self._rest = [i for i in range(self.count) if i not in taken]
-        self._groups = [(operator.itemgetter(*at), len(at)) for at in groups]
+        self._groups = [operator.itemgetter(*at) for at in groups]
         self._dots = dots
         order = [i for at in groups for i in at] + dots + self._rest
         inverse = [0] * self.count
@@ -276,7 +276,7 @@ class NormBatches:
     ) -> Tensor:
         """The norm of each tensor, in input order, as one 1-D tensor."""
         parts = []
-        for get, _count in self._groups:
+        for get in self._groups:
             members: tuple[Tensor, ...] = get(tensors)
             self._buffer = _scratch(self._buffer, members[0])
             parts.append(_stacked_norms(members, norm_type, None, False, self._buffer))
