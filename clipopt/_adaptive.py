@@ -908,7 +908,7 @@ class AGC(ClipStrategy):
             return F.tensor_norms(tensors, foreach=self.foreach)
         tensors = F._locals(tensors)  # rows of Shard(0) DTensors are whole locally
         if len(tensors) == 1:
-            return F.unit_norms(tensors[0])[None]
+            return F.unit_norms(tensors[0]).unsqueeze(0)
         rank = tensors[0].dim()
         dims = tuple(range(2, rank + 1)) if rank >= 2 else tuple(range(1, rank + 1))
         if torch.compiler.is_compiling():

@@ -357,10 +357,12 @@ class ClippedOptimizer(torch.optim.Optimizer):
         return self._fused_capable()
 
     def _fused_capable(self) -> bool:
-        return (
-            bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
-            and self.strategy.supports_coefficient()
-        )
+        """A fused kernel and a single-factor strategy: the kernel applies the factor."""
+        return self._fused_kernel() and self.strategy.supports_coefficient()
+
+    def _fused_kernel(self) -> bool:
+        """Whether the wrapped optimizer's kernel takes ``grad_scale`` and ``found_inf``."""
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
     @contextlib.contextmanager
     def _fused(self, plan: _Plan) -> Iterator[None]:
@@ -556,11 +558,16 @@ class ClippedOptimizer(torch.optim.Optimizer):
             norm = norm / amp_scale.to(norm.device, norm.dtype)
         if amp_found is not None:
             nonfinite = nonfinite | (amp_found.to(nonfinite.device) > 0)
-        # The one host read of "skip" (unless a fused kernel skips for us; on the CPU the
-        # read is free, and cheaper than the kernel's found_inf bookkeeping) and "error":
-        # whether to step at all is then a Python decision.
+        # The one host read of "skip" (unless a fused kernel skips for us, whatever the
+        # strategy; on the CPU the read is free, and cheaper than the kernel's found_inf
+        # bookkeeping) and "error": whether to step at all is then a Python decision.
+        kernel_skips = (
+            self.nonfinite == "skip"
+            and self._fused_kernel()
+            and not F.is_host_readable(nonfinite)
+        )
         host_decides = self.nonfinite == "error" or (
-            self.nonfinite == "skip" and (not fused or F.is_host_readable(nonfinite))
+            self.nonfinite == "skip" and not kernel_skips
         )
         if host_decides and bool(nonfinite):
             if self.nonfinite == "error":
@@ -603,9 +610,15 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 None if skipped is None else skipped.to(device, torch.float32),
             )
         else:
+            # The kernel skips a non-finite step after the strategy clipped in place (it
+            # leaves its state alone then: the same contract as under "propagate").
             result = self.strategy.clip_(inputs, norm)
-            skipped = None
-            plan = None
+            skipped = nonfinite if kernel_skips else None
+            plan = (
+                None
+                if skipped is None
+                else _FusedPlan(None, skipped.to(grads[0].device, torch.float32))
+            )
         threshold, coef, clipped = result
         if skipped is not None:
             threshold = torch.where(

@@ -1,7 +1,9 @@
 """The fused path: the clipping factor goes to the optimizer kernel as grad_scale."""
 
+import contextlib
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -163,6 +165,107 @@ def test_fused_skip_step_has_no_host_read_on_fake_cuda(cls, strategy):
                 p.grad = torch.empty_like(p)
             opt.step()
         assert all(t.device.type == "cuda" for t in opt.last_stats)
+
+
+# Strategies that scale by more than one factor: they clip in place, and the kernel only
+# receives found_inf, so that "skip" needs no host read with them either.
+PER_TENSOR = {
+    "adagc": lambda: clipopt.AdaGC(warmup_steps=2, clip_ratio=1.01),
+    "agc": lambda: clipopt.AGC(0.01),
+    "value": lambda: clipopt.ValueClip(0.05),
+    "norm per tensor": lambda: clipopt.NormClip(0.1, scope="tensor"),
+    "chain": lambda: clipopt.Chain(clipopt.ValueClip(0.05), clipopt.NormClip(0.1)),
+}
+
+
+# AGC refills kept buffers with copy_, which fake CUDA tensors cannot run on a CPU build;
+# its own steps are proven sync-free on meta tensors by the strategy contract suite, and
+# the wrapper's decision to let the kernel skip is the same for every strategy here.
+@pytest.mark.parametrize("strategy", [s for s in PER_TENSOR if s != "agc"])
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_fused_skip_with_per_tensor_strategies_has_no_host_read_on_fake_cuda(cls, strategy):
+    with FakeTensorMode():
+        params = [torch.nn.Parameter(torch.empty(s, device="cuda")) for s in [(4, 3), (3,)]]
+        opt = ClippedOptimizer(
+            cls(params, lr=0.1, fused=True), PER_TENSOR[strategy](), nonfinite="skip"
+        )
+        assert not opt._fused_capable()  # the factor is not handed over: found_inf is
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.empty_like(p)
+            opt.step()
+        assert all(t.device.type == "cuda" for t in opt.last_stats)
+
+
+def _per_tensor_run(cls, kwargs, strategy, device_path, nan_at=2):
+    """Train a few steps with a NaN at ``nan_at``; return the model, optimizer, states."""
+    model = _model()
+    opt = ClippedOptimizer(
+        cls(model.parameters(), lr=0.01, fused=True, **kwargs), PER_TENSOR[strategy]()
+    )
+    before_nan = None
+    # On the CPU the wrapper reads the flag on the host; pretending it cannot exercises
+    # the accelerator path (the kernel skips) with real values.
+    patch = mock.patch.object(clipopt.functional, "is_host_readable", return_value=False)
+    spy = mock.patch.object(
+        clipopt._optimizer, "hand_over", wraps=clipopt._optimizer.hand_over
+    )
+    with patch if device_path else contextlib.nullcontext(), spy as handed:
+        for i, batch in enumerate(batches(5)):
+            opt.zero_grad()
+            loss_of(model, batch).backward()
+            if i == nan_at:
+                with torch.no_grad():
+                    model[0].weight.grad[0, 0] = math.nan
+                before_nan = (
+                    [p.detach().clone() for p in model.parameters()],
+                    copy.deepcopy(opt.optimizer.state_dict()["state"]),
+                    copy.deepcopy(opt.strategy.state_dict()),
+                )
+            opt.step()
+            if i == nan_at:
+                assert before_nan is not None
+                params, state, strategy_state = before_nan
+                after = (
+                    [p.detach().clone() for p in model.parameters()],
+                    opt.optimizer.state_dict()["state"],
+                    opt.strategy.state_dict(),
+                )
+                assert all(torch.equal(a, b) for a, b in zip(params, after[0], strict=True))
+                _assert_same_state(state, after[1])
+                _assert_same_state(strategy_state, after[2])
+                assert bool(opt.last_stats.nonfinite)
+                assert opt.last_stats.coef == 0
+                assert not bool(opt.last_stats.clipped)
+    # the kernel received found_inf (and no grad_scale) at every step, or never
+    plans = [c.args[1] for c in handed.call_args_list]
+    assert len(plans) == (5 if device_path else 0)
+    assert all(p.grad_scale is None and p.found_inf is not None for p in plans)
+    return model, opt
+
+
+def _assert_same_state(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same_state(a[key], b[key])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), (a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("strategy", list(PER_TENSOR))
+@pytest.mark.parametrize(("cls", "kwargs"), FUSED)
+def test_kernel_skip_with_per_tensor_strategies_equals_the_host_skip(cls, kwargs, strategy):
+    device_model, device_opt = _per_tensor_run(cls, kwargs, strategy, device_path=True)
+    host_model, host_opt = _per_tensor_run(cls, kwargs, strategy, device_path=False)
+    assert device_opt.counts() == host_opt.counts()
+    assert device_opt.counts()["skipped_steps"] == 1
+    assert device_opt.counts()["clipped_steps"] > 0  # the strategy did clip
+    for a, b in zip(device_model.parameters(), host_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_same_state(device_opt.strategy.state_dict(), host_opt.strategy.state_dict())
 
 
 def test_fake_cuda_catches_the_host_read_of_the_separate_path():
