@@ -601,9 +601,8 @@ class AdaGC(_Stateful):
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total L2 norm of the gradients (from per-tensor norms)."""
-        norms = self._cache_norms.compute(inputs, 2.0, self.foreach)
-        total: Tensor = torch.linalg.vector_norm(norms)
-        return total
+        self._cache_norms.compute(inputs, 2.0, self.foreach)
+        return self._cache_norms.total()
 
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Clip globally during warmup, then each tensor against its EMA."""
@@ -755,14 +754,20 @@ class AGC(ClipStrategy):
             [u.square().sum().to(device, dtype) for u in units], plan.split, inputs
         )
         excluded = _gather(inputs.grads, plan.excluded)
-        excluded_sq = (
-            F.tensor_norms(excluded, foreach=self.foreach, group=inputs.process_group)
-            .square()
-            .sum()
-            .to(device, dtype)
-            if excluded
-            else None
-        )
+        excluded_sq: Tensor | None = None
+        if excluded and inputs.process_group is None:
+            excluded_sq = (
+                F.tensor_norms(excluded, foreach=self.foreach)
+                .square()
+                .sum()
+                .to(device, dtype)
+            )
+        elif excluded:  # one scalar collective, whatever tensors each rank holds
+            excluded_sq = (
+                F.total_norm(excluded, foreach=self.foreach, group=inputs.process_group)
+                .square()
+                .to(device, dtype)
+            )
         if excluded_sq is not None:
             squares.append(excluded_sq)
         self._cache_units: _AGCUnits | None = (inputs, units, excluded_sq)

@@ -41,8 +41,12 @@ class ClipInputs:
         uniform: True when all gradients share one device and one dtype, which lets
             kernels skip grouping them (see ``functional.total_norm``).
         process_group: The ``torch.distributed`` group over which plain-tensor
-            gradients are shards (hand-made model parallelism, FSDP1), or None. Norms
-            pass it to ``functional.total_norm`` / ``tensor_norms``.
+            gradients are shards (hand-made model parallelism, FSDP1), or None. Total
+            norms pass it to ``functional.total_norm``, which reduces the ranks'
+            totals. Per-tensor norms must be reduced by position (one entry per
+            ``num_params``, placed by ``indices``, zero where a rank has no gradient):
+            ranks may hold different numbers of gradients, so ``tensor_norms(...,
+            group=...)`` on ``grads`` alone would not line up.
         batches: How to batch the norms of many small gradients
             (:class:`clipopt.functional.NormBatches`), built by the wrapper once per
             layout; None when it does not apply. Norms pass it to

@@ -185,7 +185,10 @@ class ClippedOptimizer(torch.optim.Optimizer):
         process_group: For plain-tensor gradients sharded over ranks (hand-made model
             parallelism, FSDP1's flat parameters): the ``torch.distributed`` group whose
             ranks hold the shards, or a 1-D ``DeviceMesh`` over them; norms are then
-            global, with all per-tensor norms combined in one ``all_reduce`` per step.
+            global, with one ``all_reduce`` per step: of the ranks' total norms, or, for
+            per-tensor strategies, of one norm per parameter position (the ranks'
+            optimizers must then hold the same parameters in the same order; a rank
+            may lack some gradients, as with FSDP1's ``use_orig_params=True``).
             Not needed for DDP (gradients are already all-reduced) nor for FSDP2/DTensor
             (DTensor's collectives apply).
         **strategy_kwargs: The strategy's parameters, when ``strategy`` is a name.

@@ -63,22 +63,57 @@ def _total_norm(inputs: ClipInputs, norm_type: float, foreach: bool | None) -> T
 
 
 class _PerTensorNorms:
-    """Caches the per-tensor norms ``measure`` computed for ``clip_`` to reuse."""
+    """Caches the per-tensor norms ``measure`` computed for ``clip_`` to reuse.
+
+    With a ``process_group`` the ranks' norms are reduced by parameter position (one
+    ``all_reduce`` of ``num_params`` entries, zero where a rank has no gradient), so a
+    parameter whose gradient is None on some ranks, as FSDP1 with
+    ``use_orig_params=True`` leaves those outside a rank's shard, still lines up; the
+    total comes from all positions, the same on every rank.
+    """
 
     def __init__(self) -> None:
         self._inputs: ClipInputs | None = None
         self._norms: Tensor | None = None
+        self._total: Tensor | None = None
+        self._everywhere = torch.zeros(0)
+        self._index: tuple[Sequence[int], Tensor] | None = None
 
     def compute(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
         self._inputs = inputs
-        self._norms = F.tensor_norms(
-            inputs.grads,
-            norm_type,
-            foreach=foreach,
-            group=inputs.process_group,
-            batches=inputs.batches,
+        norms = F.tensor_norms(
+            inputs.grads, norm_type, foreach=foreach, batches=inputs.batches
         )
-        return self._norms
+        everywhere = norms
+        if inputs.process_group is not None:
+            index = self._positions(inputs, norms.device)
+            full = norms.new_zeros(inputs.num_params).index_copy_(0, index, norms)
+            reduced = F._all_reduce_norms(full, norm_type, inputs.process_group)
+            dtensors = [i for i, g in enumerate(inputs.grads) if F._is_dtensor(g)]
+            if dtensors:  # global already: keep them out of the reduction
+                at = index[dtensors]
+                reduced[at] = norms[dtensors]
+            everywhere, norms = reduced, reduced.index_select(0, index)
+        self._norms = norms
+        self._everywhere = everywhere
+        self._total = torch.linalg.vector_norm(everywhere, norm_type)
+        return norms
+
+    def total(self) -> Tensor:
+        """The norm of all per-tensor norms of the last ``compute`` (of all ranks)."""
+        assert self._total is not None
+        return self._total
+
+    def by_position(self) -> Tensor:
+        """The last ``compute``'s norms of all ``num_params`` positions (process group)."""
+        return self._everywhere
+
+    def _positions(self, inputs: ClipInputs, device: torch.device) -> Tensor:
+        cached = self._index
+        if cached is None or cached[0] is not inputs.indices or cached[1].device != device:
+            tensor = torch.tensor(list(inputs.indices), dtype=torch.int64, device=device)
+            cached = self._index = (inputs.indices, tensor)
+        return cached[1]
 
     def take(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
         """The norms ``compute`` kept for these inputs (computed now if none)."""
@@ -158,9 +193,8 @@ class NormClip(ClipStrategy):
         """Return the total ``norm_type``-norm of the gradients."""
         if self.scope == "global":
             return _total_norm(inputs, self.norm_type, self.foreach)
-        norms = self._cache.compute(inputs, self.norm_type, self.foreach)
-        total: Tensor = torch.linalg.vector_norm(norms, self.norm_type)
-        return total
+        self._cache.compute(inputs, self.norm_type, self.foreach)
+        return self._cache.total()
 
     def supports_coefficient(self) -> bool:
         """True for the global scope: one factor for all gradients."""
@@ -194,11 +228,14 @@ class NormClip(ClipStrategy):
         else:
             parts = norms.unbind()
             per_tensor: list[Tensor] = list(parts)
+            spans = _group_spans(inputs)
             for group, positions in _group_members(inputs).items():
                 limit = group_threshold(inputs, group, "max_norm", max_norm)
-                group_norm = torch.linalg.vector_norm(
-                    torch.stack([parts[i] for i in positions]), self.norm_type
-                )
+                if spans is None:
+                    members = torch.stack([parts[i] for i in positions])
+                else:  # all the group's positions, also those other ranks hold
+                    members = self._cache.by_position()[spans[group] : spans[group + 1]]
+                group_norm = torch.linalg.vector_norm(members, self.norm_type)
                 group_coef = _coefs(group_norm, limit)
                 for i in positions:
                     per_tensor[i] = group_coef
@@ -207,6 +244,21 @@ class NormClip(ClipStrategy):
         post = torch.linalg.vector_norm(norms * coefs, self.norm_type)
         total_coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
         return ClipResult(threshold, total_coef, (coefs < 1.0).any())
+
+
+def _group_spans(inputs: ClipInputs) -> list[int] | None:
+    """Under a process group, where each parameter group's positions start (and end).
+
+    Positions count the parameters of the groups in order, so group ``g`` holds
+    positions ``spans[g]`` to ``spans[g + 1]``. None without a process group, or when
+    the groups do not list their parameters.
+    """
+    if inputs.process_group is None or not all("params" in g for g in inputs.groups):
+        return None
+    spans = [0]
+    for group in inputs.groups:
+        spans.append(spans[-1] + len(group["params"]))
+    return spans
 
 
 def _coefs(norms: Tensor, limit: float) -> Tensor:
@@ -295,7 +347,11 @@ class ValueClip(ClipStrategy):
             )
         else:  # the largest entry left, over the largest entry before
             post = F.total_norm(
-                inputs.grads, math.inf, foreach=self.foreach, group=inputs.process_group
+                inputs.grads,
+                math.inf,
+                foreach=self.foreach,
+                uniform=inputs.uniform,
+                group=inputs.process_group,
             )
             coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
         return ClipResult(threshold, coef, coef < 1.0)

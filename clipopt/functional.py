@@ -314,10 +314,11 @@ def total_norm(
         foreach: ``None`` picks the foreach kernels where the device supports them.
         uniform: The caller knows all tensors share one device and dtype: skip grouping
             them (the same arithmetic, less per-tensor bookkeeping).
-        group: A ``torch.distributed`` process group over which the tensors are shards
-            (each rank holds different parts): the per-tensor norms are combined across
-            it in one ``all_reduce``. DTensors need none: their own collectives give the
-            global norm (``full_tensor``).
+        group: A ``torch.distributed`` process group over which the plain tensors are
+            shards (each rank holds different parts, or different tensors): the ranks'
+            totals are combined in one ``all_reduce`` of a scalar, so ranks may hold
+            different numbers of tensors. DTensors need none: their own collectives give
+            the global norm (``full_tensor``).
         batches: A :class:`NormBatches` plan for this layout: the same bits with far
             fewer ops for thousands of small CPU tensors (a plan built with
             ``exact=False`` trades the bits of large tensors' 2-norms for speed and
@@ -333,10 +334,29 @@ def total_norm(
     if len(tensors) == 0:
         raise ValueError("tensors must not be empty")
     if group is not None:
-        return _reduce_total(
-            tensor_norms(tensors, norm_type, foreach=foreach, group=group, batches=batches),
-            norm_type,
+        # One scalar collective over the local totals: it holds whatever tensors each rank
+        # has (shards of the same parameters, or different ones), where an element-wise
+        # reduction of per-tensor norms would need the same list on every rank.
+        # DTensors are global already (their own collectives): only plain shards reduce.
+        if not uniform and _mixed(tensors):
+            parts = [
+                total_norm(
+                    [t for t in tensors if _is_dtensor(t) == kind],
+                    norm_type,
+                    foreach=foreach,
+                    group=None if kind else group,
+                )
+                for kind in (True, False)
+            ]
+            return _reduce_total(
+                torch.stack([p.to(parts[0].device) for p in parts]), norm_type
+            )
+        if _is_dtensor(tensors[0]):
+            return total_norm(tensors, norm_type, foreach=foreach)
+        local = total_norm(
+            tensors, norm_type, foreach=foreach, uniform=uniform, batches=batches
         )
+        return _all_reduce_norms(local, norm_type, group)
     if batches is not None and batches.applies(tensors):
         return _reduce_total(batches.norms(tensors, norm_type, foreach), norm_type)
     if not uniform and _mixed(tensors):

@@ -12,6 +12,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -50,9 +51,16 @@ def _entry(rank, fn, port, out, args):
         dist.destroy_process_group()
 
 
-def spawn(fn, tmp_path, *args):
+def spawn(fn, tmp_path, *args, timeout=300.0):
     out = str(tmp_path / "result")
-    mp.spawn(_entry, args=(fn, _free_port(), out, args), nprocs=WORLD, join=True)
+    context = mp.spawn(_entry, args=(fn, _free_port(), out, args), nprocs=WORLD, join=False)
+    # Mismatched collectives hang gloo rather than fail: bound the wait.
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {timeout:.0f} s")
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
 
 
@@ -97,13 +105,17 @@ STRATEGIES = {
     "zscore": lambda: clipopt.ZScoreClip(warmup_steps=2, z_thresh=1.0),
     "adagc": lambda: clipopt.AdaGC(warmup_steps=2, max_norm=0.5),
     "agc": lambda: clipopt.AGC(0.05),
+    "norm-tensor": lambda: clipopt.NormClip(0.1, scope="tensor"),
+    "norm-group": lambda: clipopt.NormClip(0.2, scope="group"),
 }
 
 
-def _reference(name):
+def _reference(name, groups=list):
     """One process, the global batch: what every distributed run must reproduce."""
     model = _model()
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), STRATEGIES[name]())
+    opt = ClippedOptimizer(
+        torch.optim.SGD(groups(model.parameters()), lr=0.1), STRATEGIES[name]()
+    )
     stats = _train(model, opt, _data())
     return [p.detach().clone() for p in model.parameters()], stats
 
@@ -260,6 +272,56 @@ def test_fsdp1_with_process_group_uses_the_global_norm(tmp_path):
         assert ours["norm"] == pytest.approx(ref["norm"], rel=1e-5)
     for a, b in zip(params0, ref_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+ORIG_PARAMS = ["norm", "percentile", "adagc", "norm-tensor", "norm-group"]
+
+
+def _two_groups(params):
+    """The first layer in one parameter group, the rest in another (group scope)."""
+    params = list(params)
+    return [{"params": params[:2]}, {"params": params[2:]}]
+
+
+def _fsdp1_orig_params_worker(rank):
+    """FSDP1 with use_orig_params=True: parameters outside a rank's shard have no grad."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: N817
+
+    out = {}
+    for name in ORIG_PARAMS:
+        model = FSDP(_model(), device_id=torch.device("cpu"), use_orig_params=True)
+        opt = ClippedOptimizer(
+            torch.optim.SGD(_two_groups(model.parameters()), lr=0.1),
+            STRATEGIES[name](),
+            process_group=model.process_group,
+        )
+        stats = _train(model, opt, _data(), rank)
+        missing = sum(p.grad is None for p in model.parameters())
+        with FSDP.summon_full_params(model):
+            full = [p.detach().clone() for p in model.parameters()]
+        out[name] = (full, [s["norm"] for s in stats], missing)
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp1_use_orig_params_with_gradients_missing_on_some_ranks(tmp_path):
+    """Ranks hold different numbers of gradients: the norms still line up by position.
+
+    (An element-wise reduction of per-tensor norms aborted gloo here.)
+    """
+    r0, r1 = spawn(_fsdp1_orig_params_worker, tmp_path)
+    for name in ORIG_PARAMS:
+        params0, norms0, missing0 = r0[name]
+        params1, norms1, missing1 = r1[name]
+        assert missing0 > 0
+        assert missing1 > 0
+        assert missing0 != missing1  # the ranks hold different numbers of gradients
+        assert norms0 == norms1
+        ref_params, ref_stats = _reference(name, _two_groups)
+        assert norms0 == pytest.approx([s["norm"] for s in ref_stats], rel=1e-5), name
+        for a, b, c in zip(params0, params1, ref_params, strict=True):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # Repeated small shapes (their norms are batched: NormBatches) and large tensors (a dot
