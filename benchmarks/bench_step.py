@@ -150,7 +150,8 @@ def cases(grads: Gradients, inner_name: str) -> dict[str, Step]:
 
     out[FLOOR] = norm_plus_pass
     # AdaGC's bookkeeping alone (per-tensor norms, EMA, state, statistics): the same
-    # strategy with thresholds it never reaches, so it never writes the gradients.
+    # strategy with thresholds it never reaches, so on the CPU it never writes the
+    # gradients (on a GPU it still multiplies them by 1: deciding not to would sync).
     idle = clipopt.ClippedOptimizer(
         make(params), clipopt.AdaGC(1e30, warmup_steps=10, max_norm=1e30)
     )

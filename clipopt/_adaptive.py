@@ -21,7 +21,7 @@ from torch import Tensor
 from . import functional as F
 from ._base import ClipInputs, ClipResult, ClipStrategy
 from ._registry import get_strategy, register_strategy
-from ._strategies import _PerTensorNorms, _total_norm
+from ._strategies import NormClip, ValueClip, _PerTensorNorms, _Positions, _total_norm
 from ._validation import (
     Schedule,
     check_bool,
@@ -540,7 +540,7 @@ class AdaGC(_Stateful):
         self.max_norm = check_schedule("max_norm", max_norm)
         self.eps = check_threshold("eps", eps, allow_inf=False)
         self.foreach = check_foreach(foreach)
-        self._cache_index: tuple[Any, tuple[int, ...], Tensor] | None = None
+        self._cache_index = _Positions()
         self._cache_norms = _PerTensorNorms()
 
     def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
@@ -569,23 +569,6 @@ class AdaGC(_Stateful):
             )
         return state
 
-    def _index(self, inputs: ClipInputs, device: torch.device) -> Tensor:
-        """The positions as a device tensor, rebuilt only when the layout changes.
-
-        While the wrapper passes the same parameter layout the positions are the same, so
-        the cache is checked by identity before any per-step tuple is built.
-        """
-        cached = self._cache_index
-        if cached is not None and cached[0] is inputs.params and cached[2].device == device:
-            return cached[2]
-        indices = tuple(inputs.indices)
-        if cached is None or cached[1] != indices or cached[2].device != device:
-            tensor = torch.tensor(indices, dtype=torch.int64, device=device)
-        else:
-            tensor = cached[2]
-        self._cache_index = (inputs.params, indices, tensor)
-        return tensor
-
     def _factor_views(self, factors: Tensor) -> list[Tensor]:
         """0-dim views of a kept buffer, filled with ``factors`` (host-readable path)."""
         cached = getattr(self, "_cache_factors", None)
@@ -609,7 +592,7 @@ class AdaGC(_Stateful):
         norms = self._cache_norms.take(inputs, 2.0, self.foreach)
         state = self._grown(norm, max(inputs.num_params, max(inputs.indices) + 1))
         gamma, initialized, steps = state["gamma"], state["initialized"], state["steps"]
-        index = self._index(inputs, norm.device)
+        index = self._cache_index.get(inputs, norm.device)
         usable = _usable(norm)
         new_steps = steps + usable.to(steps.dtype)
         warming = new_steps <= self.warmup_steps
@@ -750,26 +733,23 @@ class AGC(ClipStrategy):
         device = inputs.grads[0].device
         units = [self._unit_norms(_gather(inputs.grads, at)) for at in plan.grad_at]
         device = units[0].device if units else device
-        squares = _sum_squares(
-            [u.square().sum().to(device, dtype) for u in units], plan.split, inputs
-        )
+        unit_sq = [u.square().sum().to(device, dtype) for u in units]
         excluded = _gather(inputs.grads, plan.excluded)
-        excluded_sq: Tensor | None = None
-        if excluded and inputs.process_group is None:
-            excluded_sq = (
-                F.tensor_norms(excluded, foreach=self.foreach)
-                .square()
-                .sum()
-                .to(device, dtype)
-            )
-        elif excluded:  # one scalar collective, whatever tensors each rank holds
-            excluded_sq = (
-                F.total_norm(excluded, foreach=self.foreach, group=inputs.process_group)
-                .square()
-                .to(device, dtype)
-            )
-        if excluded_sq is not None:
-            squares.append(excluded_sq)
+        excluded_sq: Tensor | None = (
+            F.tensor_norms(excluded, foreach=self.foreach).square().sum().to(device, dtype)
+            if excluded
+            else None
+        )
+        if inputs.process_group is None:
+            squares = _sum_squares(unit_sq, plan.split, inputs)
+            if excluded_sq is not None:  # global already (one process, or DTensors)
+                squares.append(excluded_sq)
+        else:
+            # Ranks may hold different gradients (or none excluded, or none included):
+            # the local sums, excluded included, go into one collective every rank makes.
+            if excluded_sq is None:
+                excluded_sq = torch.zeros((), device=device, dtype=dtype)
+            squares = _sum_squares([*unit_sq, excluded_sq], [*plan.split, False], inputs)
         self._cache_units: _AGCUnits | None = (inputs, units, excluded_sq)
         return torch.stack(squares).sum().sqrt()
 
@@ -851,14 +831,21 @@ class AGC(ClipStrategy):
             any_clipped.append((coef < 1).any().to(norm.device))
             group_coefs.append(coef.to(inputs.grads[plan.grad_at[n][0]].dtype))
         coefs = self._per_tensor(group_coefs, plan.groups, len(plan.included))
-        clipped = (
-            _reduce_any(torch.stack(any_clipped).any(), inputs)
+        grouped = inputs.process_group is not None
+        local_any = (
+            torch.stack(any_clipped).any()
             if any_clipped
             else torch.zeros_like(norm, dtype=torch.bool)
         )
-        post_sq = _sum_squares(post_sq, plan.split, inputs)
-        if excluded_sq is not None:
-            post_sq.append(excluded_sq)
+        # with a process group every rank reduces, whatever gradients it holds
+        clipped = _reduce_any(local_any, inputs) if any_clipped or grouped else local_any
+        if grouped:  # excluded_sq is this rank's own sum then (see measure)
+            assert excluded_sq is not None
+            post_sq = _sum_squares([*post_sq, excluded_sq], [*plan.split, False], inputs)
+        else:
+            post_sq = _sum_squares(post_sq, plan.split, inputs)
+            if excluded_sq is not None:
+                post_sq.append(excluded_sq)
         if plan.included and not F.is_cpu_false(clipped):
             # gradients get coefficients of their own dtype (see above)
             F.scale_each_(
@@ -924,6 +911,8 @@ class AGC(ClipStrategy):
         return F._stacked_norms(tensors, 2.0, dims, rank >= 2, self._cache_scratch)
 
 
+# (inputs, unit norms, excluded gradients' sum of squares: global without a process
+# group, None when nothing is excluded; with one, this rank's own sum, maybe zero)
 _AGCUnits = tuple[ClipInputs, list[Tensor], Tensor | None]
 
 
@@ -1111,3 +1100,30 @@ class Chain(ClipStrategy):
 
     def __repr__(self) -> str:
         return f"Chain({', '.join(map(repr, self.strategies))})"
+
+
+_STATELESS: tuple[type[ClipStrategy], ...] = (NormClip, ValueClip, AGC)
+
+
+def _skips_in_kernel(strategy: ClipStrategy) -> bool:
+    """Whether a fused kernel may skip a non-finite step after ``strategy`` clipped it.
+
+    The strategy then runs with a non-finite statistic, and must leave its state as it
+    was. Single-factor strategies only compute a factor (``clip_coefficient``); the
+    built-in per-tensor ones keep no state or, like AdaGC, guard it on the statistic.
+    In a chain, the members after the first see gradients the first may have made
+    finite again (a clamp turns inf into a number), so they must keep no state. User
+    strategies are not assumed to follow suit: the host decides for them.
+    """
+    if strategy.supports_coefficient():
+        return True
+    if type(strategy) is Chain:
+        first, *rest = strategy.strategies
+        return _skips_in_kernel(first) and all(_stateless(s) for s in rest)
+    return type(strategy) in (*_STATELESS, AdaGC)
+
+
+def _stateless(strategy: ClipStrategy) -> bool:
+    if type(strategy) is Chain:
+        return all(_stateless(s) for s in strategy.strategies)
+    return type(strategy) in _STATELESS

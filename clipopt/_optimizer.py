@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from . import functional as F
+from ._adaptive import _skips_in_kernel
 from ._base import ClipInputs, ClipStats, ClipStrategy
 from ._registry import get_strategy
 
@@ -499,6 +500,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in layout.params]
         step = self._calls - self._host_skips
         missing = [i for i, g in enumerate(grads) if g is None]
+        # which parameters step: see _clip, on when a fused kernel may skip steps
+        self._stepping = (layout, tuple(missing))
         if not missing and self._sparse_checked:
             return ClipInputs(
                 layout.params,
@@ -568,6 +571,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
             self.nonfinite == "skip"
             and self._fused_kernel()
             and not F.is_host_readable(nonfinite)
+            and _skips_in_kernel(self.strategy)
+            and self._state_ready(inputs)
         )
         host_decides = self.nonfinite == "error" or (
             self.nonfinite == "skip" and not kernel_skips
@@ -637,6 +642,28 @@ class ClippedOptimizer(torch.optim.Optimizer):
         )
         self.last_stats = ClipStats(norm, threshold, coef, clipped, nonfinite)
         return plan
+
+    def _state_ready(self, inputs: ClipInputs) -> bool:
+        """Whether a fused kernel may skip this step and leave a sound optimizer state.
+
+        Fused SGD with momentum creates a parameter's momentum buffer with
+        ``torch.empty_like`` and fills it in the kernel at the first step: a kernel that
+        skips that step leaves the buffer uninitialised, and later steps use it (torch's
+        GradScaler has the same hazard). Until every stepping parameter has a buffer
+        the host decides, with one read. A host-side check, cached per set of stepping
+        parameters; the other fused optimizers start from zeros.
+        """
+        if self.__dict__.get("_kernel_ready") == self._stepping:
+            return True
+        optimizer = self.optimizer
+        if isinstance(optimizer, torch.optim.SGD):
+            state = optimizer.state
+            for param, group in zip(inputs.params, inputs.group_index, strict=True):
+                momentum = inputs.groups[group].get("momentum", 0)
+                if momentum and "momentum_buffer" not in state.get(param, {}):
+                    return False
+        self._kernel_ready = self._stepping
+        return True
 
     def _warn_no_gradients(self) -> None:
         """Warn at the 1st, 10th, 100th, ... step without gradients (rate-limited)."""

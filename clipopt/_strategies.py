@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -62,6 +62,30 @@ def _total_norm(inputs: ClipInputs, norm_type: float, foreach: bool | None) -> T
     )
 
 
+class _Positions:
+    """``inputs.indices`` as a device tensor, rebuilt only when the layout changes.
+
+    While the wrapper passes the same parameter layout the positions are the same, so
+    the cache is checked by identity before any per-step tuple is built; a new tensor
+    (a host-to-device copy, which synchronises a GPU) is made only when they change.
+    """
+
+    def __init__(self) -> None:
+        self._cached: tuple[Any, tuple[int, ...], Tensor] | None = None
+
+    def get(self, inputs: ClipInputs, device: torch.device) -> Tensor:
+        cached = self._cached
+        if cached is not None and cached[0] is inputs.params and cached[2].device == device:
+            return cached[2]
+        indices = tuple(inputs.indices)
+        if cached is None or cached[1] != indices or cached[2].device != device:
+            tensor = torch.tensor(indices, dtype=torch.int64, device=device)
+        else:
+            tensor = cached[2]
+        self._cached = (inputs.params, indices, tensor)
+        return tensor
+
+
 class _PerTensorNorms:
     """Caches the per-tensor norms ``measure`` computed for ``clip_`` to reuse.
 
@@ -77,7 +101,7 @@ class _PerTensorNorms:
         self._norms: Tensor | None = None
         self._total: Tensor | None = None
         self._everywhere = torch.zeros(0)
-        self._index: tuple[Sequence[int], Tensor] | None = None
+        self._positions = _Positions()
 
     def compute(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
         self._inputs = inputs
@@ -86,7 +110,7 @@ class _PerTensorNorms:
         )
         everywhere = norms
         if inputs.process_group is not None:
-            index = self._positions(inputs, norms.device)
+            index = self._positions.get(inputs, norms.device)
             full = norms.new_zeros(inputs.num_params).index_copy_(0, index, norms)
             reduced = F._all_reduce_norms(full, norm_type, inputs.process_group)
             dtensors = [i for i, g in enumerate(inputs.grads) if F._is_dtensor(g)]
@@ -107,13 +131,6 @@ class _PerTensorNorms:
     def by_position(self) -> Tensor:
         """The last ``compute``'s norms of all ``num_params`` positions (process group)."""
         return self._everywhere
-
-    def _positions(self, inputs: ClipInputs, device: torch.device) -> Tensor:
-        cached = self._index
-        if cached is None or cached[0] is not inputs.indices or cached[1].device != device:
-            tensor = torch.tensor(list(inputs.indices), dtype=torch.int64, device=device)
-            cached = self._index = (inputs.indices, tensor)
-        return cached[1]
 
     def take(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
         """The norms ``compute`` kept for these inputs (computed now if none)."""
@@ -223,27 +240,47 @@ class NormClip(ClipStrategy):
             return result
         threshold = torch.full_like(norm, max_norm)
         norms = self._cache.take(inputs, self.norm_type, self.foreach)
+        # Under a process group the statistics come from every parameter position, so
+        # they are the same on every rank whatever gradients it holds.
+        spans = _group_spans(inputs)
         if self.scope == "tensor":
             coefs = _coefs(norms, max_norm)
+            if spans is None:
+                post = torch.linalg.vector_norm(norms * coefs, self.norm_type)
+                clipped = (coefs < 1.0).any()
+            else:
+                everywhere = self._cache.by_position()
+                all_coefs = _coefs(everywhere, max_norm)
+                post = torch.linalg.vector_norm(everywhere * all_coefs, self.norm_type)
+                clipped = (all_coefs < 1.0).any()
         else:
             parts = norms.unbind()
             per_tensor: list[Tensor] = list(parts)
-            spans = _group_spans(inputs)
-            for group, positions in _group_members(inputs).items():
+            members = _group_members(inputs)
+            groups = members if spans is None else range(len(spans) - 1)
+            group_post, group_coefs = [], []
+            for group in groups:
                 limit = group_threshold(inputs, group, "max_norm", max_norm)
                 if spans is None:
-                    members = torch.stack([parts[i] for i in positions])
+                    held = torch.stack([parts[i] for i in members[group]])
                 else:  # all the group's positions, also those other ranks hold
-                    members = self._cache.by_position()[spans[group] : spans[group + 1]]
-                group_norm = torch.linalg.vector_norm(members, self.norm_type)
+                    held = self._cache.by_position()[spans[group] : spans[group + 1]]
+                group_norm = torch.linalg.vector_norm(held, self.norm_type)
                 group_coef = _coefs(group_norm, limit)
-                for i in positions:
+                for i in members.get(group, ()):
                     per_tensor[i] = group_coef
+                group_post.append(group_norm * group_coef)
+                group_coefs.append(group_coef)
             coefs = torch.stack(per_tensor)
+            if spans is None:
+                post = torch.linalg.vector_norm(norms * coefs, self.norm_type)
+                clipped = (coefs < 1.0).any()
+            else:
+                post = torch.linalg.vector_norm(torch.stack(group_post), self.norm_type)
+                clipped = (torch.stack(group_coefs) < 1.0).any()
         F.scale_each_(inputs.grads, coefs.unbind(), foreach=self.foreach)
-        post = torch.linalg.vector_norm(norms * coefs, self.norm_type)
         total_coef = torch.where(norm > 0, post / norm, torch.ones_like(norm))
-        return ClipResult(threshold, total_coef, (coefs < 1.0).any())
+        return ClipResult(threshold, total_coef, clipped)
 
 
 def _group_spans(inputs: ClipInputs) -> list[int] | None:

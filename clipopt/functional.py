@@ -93,7 +93,9 @@ def _all_reduce_norms(norms: Tensor, norm_type: float, group: Any) -> Tensor:
     import torch.distributed as dist
 
     if math.isinf(norm_type):
-        reduced = norms.clone()
+        # A NaN must survive the maximum, and gloo's MAX keeps it or not depending on
+        # the ranks' order: as inf it survives, and still marks the step non-finite.
+        reduced = torch.where(torch.isnan(norms), math.inf, norms)
         dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
         return reduced
     powered = norms.pow(norm_type)

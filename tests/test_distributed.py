@@ -7,6 +7,7 @@ with a single-process run on the same global batch. Every collective runs on eve
 from __future__ import annotations
 
 import copy
+import math
 import os
 import pathlib
 import socket
@@ -299,7 +300,7 @@ def _fsdp1_orig_params_worker(rank):
         missing = sum(p.grad is None for p in model.parameters())
         with FSDP.summon_full_params(model):
             full = [p.detach().clone() for p in model.parameters()]
-        out[name] = (full, [s["norm"] for s in stats], missing)
+        out[name] = (full, stats, missing)
     return out
 
 
@@ -311,17 +312,101 @@ def test_fsdp1_use_orig_params_with_gradients_missing_on_some_ranks(tmp_path):
     """
     r0, r1 = spawn(_fsdp1_orig_params_worker, tmp_path)
     for name in ORIG_PARAMS:
-        params0, norms0, missing0 = r0[name]
-        params1, norms1, missing1 = r1[name]
+        params0, stats0, missing0 = r0[name]
+        params1, stats1, missing1 = r1[name]
         assert missing0 > 0
         assert missing1 > 0
         assert missing0 != missing1  # the ranks hold different numbers of gradients
-        assert norms0 == norms1
         ref_params, ref_stats = _reference(name, _two_groups)
-        assert norms0 == pytest.approx([s["norm"] for s in ref_stats], rel=1e-5), name
+        # AdaGC's threshold, coef and clipped are taken over a rank's own gradients
+        keys = ("norm",) if name == "adagc" else ("norm", "coef", "clipped", "threshold")
+        for ours0, ours1, ref in zip(stats0, stats1, ref_stats, strict=True):
+            for key in keys:
+                assert ours0[key] == ours1[key], (name, key)
+                assert ours0[key] == pytest.approx(ref[key], rel=1e-5), (name, key)
+        assert any(s["clipped"] for s in stats0), name
         for a, b, c in zip(params0, params1, ref_params, strict=True):
             assert torch.equal(a, b)
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=name)
+
+
+UNEVEN = {0: [(4, 3), (3,)], 1: [(5, 2), (6,)]}  # rank 1's (6,) is excluded from AGC
+
+
+def _uneven_tensors():
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    for rank, shapes in UNEVEN.items():
+        out[rank] = [
+            (torch.randn(s, generator=g), torch.randn(s, generator=g)) for s in shapes
+        ]
+    return out
+
+
+def _uneven_strategies(params):
+    excluded = [p for p in params if p.dim() == 1 and p.numel() == 6]
+    return {
+        "agc": clipopt.AGC(0.05, exclude=excluded),
+        "value": clipopt.ValueClip(0.3),
+    }
+
+
+def _uneven_worker(rank):
+    """Pipeline-like: the ranks own different tensors, in different numbers."""
+    out = {}
+    for name in ("agc", "value", "value-nan"):
+        mine = [
+            torch.nn.Parameter(w.clone()) for w, _ in _uneven_tensors()[rank][: rank + 1]
+        ]
+        for p, (_, g) in zip(mine, _uneven_tensors()[rank], strict=False):
+            p.grad = g.clone()
+        if name == "value-nan" and rank == 1:
+            mine[0].grad[0, 0] = math.nan
+        strategy = _uneven_strategies(mine)[name.split("-")[0]]
+        opt = ClippedOptimizer(
+            torch.optim.SGD(mine, lr=1.0), strategy, process_group=dist.group.WORLD
+        )
+        opt.step()
+        out[name] = (
+            opt.last_stats.to_dict(),
+            opt.counts(),
+            [p.grad.clone() for p in mine],
+            [p.detach().clone() for p in mine],
+        )
+    return out
+
+
+@pytest.mark.slow
+def test_process_group_with_ranks_holding_different_tensors(tmp_path):
+    """AGC (one rank excludes a tensor, the other none) and value clipping, uneven ranks.
+
+    Every rank must make the same collectives whatever it holds, and a NaN on one rank
+    must make every rank skip (gloo's MAX can drop a NaN, depending on the order).
+    """
+    r0, r1 = spawn(_uneven_worker, tmp_path)
+    tensors = _uneven_tensors()
+    held = {0: tensors[0][:1], 1: tensors[1][:2]}  # rank r holds r + 1 tensors
+    everything = [t for r in (0, 1) for t in held[r]]
+    for name in ("agc", "value"):
+        params = [torch.nn.Parameter(w.clone()) for w, _ in everything]
+        for p, (_, g) in zip(params, everything, strict=True):
+            p.grad = g.clone()
+        ref = ClippedOptimizer(
+            torch.optim.SGD(params, lr=1.0), _uneven_strategies(params)[name]
+        )
+        ref.step()
+        expected = ref.last_stats.to_dict()
+        assert r0[name][0] == r1[name][0]
+        for key in ("norm", "coef", "clipped"):
+            assert r0[name][0][key] == pytest.approx(expected[key], rel=1e-6), (name, key)
+        got = r0[name][2] + r1[name][2]
+        for a, b in zip(got, [p.grad for p in params], strict=True):
+            torch.testing.assert_close(a, b)
+    for result in (r0, r1):
+        stats, counts, _, params = result["value-nan"]
+        assert counts["skipped_steps"] == 1, stats
+        assert math.isnan(stats["norm"]) or math.isinf(stats["norm"])
+    assert torch.equal(r0["value-nan"][3][0], tensors[0][0][0])  # rank 0 did not step
 
 
 # Repeated small shapes (their norms are batched: NormBatches) and large tensors (a dot

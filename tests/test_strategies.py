@@ -1,4 +1,5 @@
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -121,3 +122,74 @@ def test_registry_names():
     assert NormClip.name == "norm"
     assert ValueClip.name == "value"
     assert isinstance(clipopt.get_strategy("value", clip_value=1.0), ValueClip)
+
+
+def test_positions_tensor_is_built_once_per_layout():
+    """A new positions tensor (a host-to-device copy on a GPU) only when they change."""
+    from clipopt._strategies import _Positions
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    strategy = clipopt.AdaGC(warmup_steps=0)
+    opt = clipopt.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), strategy)
+    built = []
+    original = torch.tensor
+
+    def counting(*args, **kwargs):
+        if kwargs.get("dtype") is torch.int64 and isinstance(args[0], tuple):
+            built.append(args[0])
+        return original(*args, **kwargs)
+
+    x = torch.randn(4, 3)
+    with mock.patch.object(torch, "tensor", counting):
+        for step in range(4):
+            opt.zero_grad()
+            model(x).sum().backward()
+            if step >= 2:  # a gradient goes missing: a new list of positions each step
+                model[0].bias.grad = None
+            opt.step()
+    assert built == [(0, 1, 2, 3), (0, 2, 3)]
+    positions = _Positions()
+    inputs = clipopt.ClipInputs([torch.ones(1)] * 2, [torch.ones(1)] * 2, 0, [0, 2])
+    first = positions.get(inputs, torch.device("cpu"))
+    again = clipopt.ClipInputs([torch.ones(1)] * 2, [torch.ones(1)] * 2, 0, [0, 2])
+    assert positions.get(again, torch.device("cpu")) is first  # equal positions: kept
+    other = clipopt.ClipInputs([torch.ones(1)] * 2, [torch.ones(1)] * 2, 0, [1, 2])
+    assert positions.get(other, torch.device("cpu")).tolist() == [1, 2]
+
+
+def test_per_tensor_norms_under_a_process_group_build_positions_once(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+        opt = clipopt.ClippedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            NormClip(0.1, scope="tensor"),
+            process_group=dist.group.WORLD,
+        )
+        built = []
+        original = torch.tensor
+
+        def counting(*args, **kwargs):
+            if kwargs.get("dtype") is torch.int64 and isinstance(args[0], tuple):
+                built.append(args[0])
+            return original(*args, **kwargs)
+
+        x = torch.randn(4, 3)
+        with mock.patch.object(torch, "tensor", counting):
+            for step in range(4):
+                opt.zero_grad()
+                model(x).sum().backward()
+                if step >= 2:
+                    model[0].bias.grad = None
+                expected = torch.stack(
+                    [p.grad.norm() for p in model.parameters() if p.grad is not None]
+                )
+                opt.step()
+                assert torch.allclose(opt.last_stats.norm, expected.norm())
+    finally:
+        dist.destroy_process_group()
+    assert built == [(0, 1, 2, 3), (0, 2, 3)]
