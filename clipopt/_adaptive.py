@@ -735,23 +735,31 @@ class AGC(ClipStrategy):
         device = units[0].device if units else device
         unit_sq = [u.square().sum().to(device, dtype) for u in units]
         excluded = _gather(inputs.grads, plan.excluded)
-        excluded_sq: Tensor | None = (
-            F.tensor_norms(excluded, foreach=self.foreach).square().sum().to(device, dtype)
-            if excluded
-            else None
-        )
-        if inputs.process_group is None:
-            squares = _sum_squares(unit_sq, plan.split, inputs)
-            if excluded_sq is not None:  # global already (one process, or DTensors)
-                squares.append(excluded_sq)
-        else:
-            # Ranks may hold different gradients (or none excluded, or none included):
-            # the local sums, excluded included, go into one collective every rank makes.
-            if excluded_sq is None:
-                excluded_sq = torch.zeros((), device=device, dtype=dtype)
-            squares = _sum_squares([*unit_sq, excluded_sq], [*plan.split, False], inputs)
+        excluded_sq = self._excluded_squares(excluded, inputs, device, dtype)
+        squares = _with_excluded(unit_sq, plan.split, excluded_sq, inputs)
         self._cache_units: _AGCUnits | None = (inputs, units, excluded_sq)
         return torch.stack(squares).sum().sqrt()
+
+    def _excluded_squares(
+        self, excluded: list[Tensor], inputs: ClipInputs, device: torch.device, dtype: Any
+    ) -> _Excluded:
+        """The excluded gradients' sums of squares: (to reduce over the group, global).
+
+        Without a process group everything is global already (one process, or
+        DTensors' own collectives). With one, plain shards give this rank's own sum,
+        zero if it holds none, so that every rank makes the same collective.
+        """
+
+        def sum_sq(tensors: list[Tensor]) -> Tensor:
+            norms = F.tensor_norms(tensors, foreach=self.foreach)
+            return norms.square().sum().to(device, dtype)
+
+        if inputs.process_group is None:
+            return None, sum_sq(excluded) if excluded else None
+        plain = [t for t in excluded if not F._is_dtensor(t)]
+        whole = [t for t in excluded if F._is_dtensor(t)]
+        local = sum_sq(plain) if plain else torch.zeros((), device=device, dtype=dtype)
+        return local, sum_sq(whole) if whole else None
 
     def _plan(self, inputs: ClipInputs) -> _AGCPlan:
         """Which gradients are clipped, grouped by shape: all that the parameters decide.
@@ -839,13 +847,7 @@ class AGC(ClipStrategy):
         )
         # with a process group every rank reduces, whatever gradients it holds
         clipped = _reduce_any(local_any, inputs) if any_clipped or grouped else local_any
-        if grouped:  # excluded_sq is this rank's own sum then (see measure)
-            assert excluded_sq is not None
-            post_sq = _sum_squares([*post_sq, excluded_sq], [*plan.split, False], inputs)
-        else:
-            post_sq = _sum_squares(post_sq, plan.split, inputs)
-            if excluded_sq is not None:
-                post_sq.append(excluded_sq)
+        post_sq = _with_excluded(post_sq, plan.split, excluded_sq, inputs)
         if plan.included and not F.is_cpu_false(clipped):
             # gradients get coefficients of their own dtype (see above)
             F.scale_each_(
@@ -866,6 +868,8 @@ class AGC(ClipStrategy):
         Making thousands of views costs more than the clipping itself, so outside
         torch.compile they are made once, over buffers that each step fills in place.
         """
+        if count == 0:  # nothing included (on this rank)
+            return []
         if torch.compiler.is_compiling():
             coefs: list[Tensor] = [group_coefs[0]] * count
             for positions, coef in zip(groups, group_coefs, strict=True):
@@ -911,9 +915,11 @@ class AGC(ClipStrategy):
         return F._stacked_norms(tensors, 2.0, dims, rank >= 2, self._cache_scratch)
 
 
-# (inputs, unit norms, excluded gradients' sum of squares: global without a process
-# group, None when nothing is excluded; with one, this rank's own sum, maybe zero)
-_AGCUnits = tuple[ClipInputs, list[Tensor], Tensor | None]
+# The excluded gradients' sums of squares: (this rank's own, to reduce over the process
+# group, or None without one; global, or None).
+_Excluded = tuple[Tensor | None, Tensor | None]
+# (inputs, unit norms, excluded sums of squares)
+_AGCUnits = tuple[ClipInputs, list[Tensor], _Excluded]
 
 
 def _gather(items: Sequence[Tensor], at: list[int]) -> list[Tensor]:
@@ -1006,6 +1012,22 @@ def _sum_squares(
     whole = [s for s, is_split in zip(squares, split, strict=True) if is_split]
     out = [_reduce_sum(torch.stack(local).sum(), inputs)] if local else []
     return out + whole
+
+
+def _with_excluded(
+    squares: list[Tensor], split: list[bool], excluded: _Excluded, inputs: ClipInputs
+) -> list[Tensor]:
+    """Global sums of squares of the units and of the excluded gradients.
+
+    A rank's own excluded sum joins the units' collective, so every rank makes it,
+    whatever gradients it holds.
+    """
+    local, whole = excluded
+    if local is None:
+        out = _sum_squares(squares, split, inputs)
+    else:
+        out = _sum_squares([*squares, local], [*split, False], inputs)
+    return out if whole is None else [*out, whole]
 
 
 def _reduce_any(flag: Tensor, inputs: ClipInputs) -> Tensor:
@@ -1113,14 +1135,13 @@ def _skips_in_kernel(strategy: ClipStrategy) -> bool:
     built-in per-tensor ones keep no state or, like AdaGC, guard it on the statistic.
     In a chain, the members after the first see gradients the first may have made
     finite again (a clamp turns inf into a number), so they must keep no state. User
-    strategies are not assumed to follow suit: the host decides for them.
+    strategies (subclasses too) are not assumed to follow suit: their contract promises
+    a finite statistic under ``"skip"``, so the host decides for them.
     """
-    if strategy.supports_coefficient():
-        return True
     if type(strategy) is Chain:
         first, *rest = strategy.strategies
         return _skips_in_kernel(first) and all(_stateless(s) for s in rest)
-    return type(strategy) in (*_STATELESS, AdaGC)
+    return type(strategy) in (*_STATELESS, AdaGC, PercentileClip, ZScoreClip)
 
 
 def _stateless(strategy: ClipStrategy) -> bool:

@@ -651,18 +651,29 @@ class ClippedOptimizer(torch.optim.Optimizer):
         skips that step leaves the buffer uninitialised, and later steps use it (torch's
         GradScaler has the same hazard). Until every stepping parameter has a buffer
         the host decides, with one read. A host-side check, cached per set of stepping
-        parameters; the other fused optimizers start from zeros.
+        parameters and the optimizer's state (the object and its size: loading or
+        clearing it starts over) and momenta; the other fused optimizers start from
+        zeros.
         """
-        if self.__dict__.get("_kernel_ready") == self._stepping:
-            return True
         optimizer = self.optimizer
-        if isinstance(optimizer, torch.optim.SGD):
-            state = optimizer.state
-            for param, group in zip(inputs.params, inputs.group_index, strict=True):
-                momentum = inputs.groups[group].get("momentum", 0)
-                if momentum and "momentum_buffer" not in state.get(param, {}):
-                    return False
-        self._kernel_ready = self._stepping
+        if not isinstance(optimizer, torch.optim.SGD):
+            return True
+        layout, missing = self._stepping
+        state = optimizer.state
+        key = (
+            missing,
+            id(state),
+            len(state),
+            tuple(g.get("momentum", 0) for g in inputs.groups),
+        )
+        ready = self.__dict__.get("_kernel_ready")
+        if ready is not None and ready[0] is layout and ready[1] == key:
+            return True
+        for param, group in zip(inputs.params, inputs.group_index, strict=True):
+            momentum = inputs.groups[group].get("momentum", 0)
+            if momentum and state.get(param, {}).get("momentum_buffer") is None:
+                return False
+        self._kernel_ready = (layout, key)
         return True
 
     def _warn_no_gradients(self) -> None:

@@ -73,6 +73,9 @@ class _Positions:
     def __init__(self) -> None:
         self._cached: tuple[Any, tuple[int, ...], Tensor] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_cached": None}  # copies and pickles start empty: no parameters in them
+
     def get(self, inputs: ClipInputs, device: torch.device) -> Tensor:
         cached = self._cached
         if cached is not None and cached[0] is inputs.params and cached[2].device == device:
@@ -102,6 +105,10 @@ class _PerTensorNorms:
         self._total: Tensor | None = None
         self._everywhere = torch.zeros(0)
         self._positions = _Positions()
+
+    def __getstate__(self) -> dict[str, Any]:
+        fresh = _PerTensorNorms()  # copies and pickles start empty: no gradients in them
+        return fresh.__dict__
 
     def compute(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
         self._inputs = inputs
@@ -260,6 +267,8 @@ class NormClip(ClipStrategy):
             groups = members if spans is None else range(len(spans) - 1)
             group_post, group_coefs = [], []
             for group in groups:
+                if spans is not None and spans[group] == spans[group + 1]:
+                    continue  # a parameter group without parameters
                 limit = group_threshold(inputs, group, "max_norm", max_norm)
                 if spans is None:
                     held = torch.stack([parts[i] for i in members[group]])
@@ -287,11 +296,18 @@ def _group_spans(inputs: ClipInputs) -> list[int] | None:
     """Under a process group, where each parameter group's positions start (and end).
 
     Positions count the parameters of the groups in order, so group ``g`` holds
-    positions ``spans[g]`` to ``spans[g + 1]``. None without a process group, or when
-    the groups do not list their parameters.
+    positions ``spans[g]`` to ``spans[g + 1]``. None without a process group.
+
+    Raises:
+        ValueError: The groups do not list their parameters.
     """
-    if inputs.process_group is None or not all("params" in g for g in inputs.groups):
+    if inputs.process_group is None:
         return None
+    if not all("params" in g for g in inputs.groups):
+        raise ValueError(
+            "with a process_group, ClipInputs.groups must be the optimizer's parameter "
+            "groups (with their 'params'): per-tensor norms are placed by position"
+        )
     spans = [0]
     for group in inputs.groups:
         spans.append(spans[-1] + len(group["params"]))

@@ -183,6 +183,50 @@ def _fsdp2_worker(rank, names):
     return out
 
 
+def _fsdp2_agc_excluded_worker(rank):
+    """FSDP2 with AGC excluding the last layer, and a process_group passed as well."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for group in (None, mesh):
+        model = _model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        strategy = clipopt.AGC(0.05, exclude=list(model[3].parameters()))
+        opt = ClippedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), strategy, process_group=group
+        )
+        stats = _train(model, opt, _data(), rank)
+        full = [p.full_tensor().detach().clone() for p in model.parameters()]
+        out["group" if group is not None else "none"] = (full, stats)
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp2_agc_with_exclusions_matches_one_process_with_or_without_a_group(tmp_path):
+    """DTensor gradients are global already: a process_group must not count them twice."""
+    r0, r1 = spawn(_fsdp2_agc_excluded_worker, tmp_path)
+    model = _model()
+    ref = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        clipopt.AGC(0.05, exclude=list(model[3].parameters())),
+    )
+    ref_stats = _train(model, ref, _data())
+    for key in ("none", "group"):
+        (params0, stats0), (params1, stats1) = r0[key], r1[key]
+        assert stats0 == stats1, key
+        assert all(torch.equal(a, b) for a, b in zip(params0, params1, strict=True))
+        for ours, theirs in zip(stats0, ref_stats, strict=True):
+            assert ours["norm"] == pytest.approx(theirs["norm"], rel=1e-5), key
+            assert ours["coef"] == pytest.approx(theirs["coef"], rel=1e-5), key
+        for a, c in zip(params0, model.parameters(), strict=True):
+            torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_fsdp2_global_norms_and_results_match_one_process(tmp_path):
     names = ["norm", "norm-inf", "norm-l1", "percentile", "zscore", "adagc", "agc"]
@@ -347,6 +391,8 @@ def _uneven_strategies(params):
     excluded = [p for p in params if p.dim() == 1 and p.numel() == 6]
     return {
         "agc": clipopt.AGC(0.05, exclude=excluded),
+        # rank 0 then holds no included gradient at all
+        "agc-none": clipopt.AGC(0.05, exclude=[p for p in params if p.shape == (4, 3)]),
         "value": clipopt.ValueClip(0.3),
     }
 
@@ -354,7 +400,7 @@ def _uneven_strategies(params):
 def _uneven_worker(rank):
     """Pipeline-like: the ranks own different tensors, in different numbers."""
     out = {}
-    for name in ("agc", "value", "value-nan"):
+    for name in ("agc", "agc-none", "value", "value-nan"):
         mine = [
             torch.nn.Parameter(w.clone()) for w, _ in _uneven_tensors()[rank][: rank + 1]
         ]
@@ -362,7 +408,7 @@ def _uneven_worker(rank):
             p.grad = g.clone()
         if name == "value-nan" and rank == 1:
             mine[0].grad[0, 0] = math.nan
-        strategy = _uneven_strategies(mine)[name.split("-")[0]]
+        strategy = _uneven_strategies(mine)[name.removesuffix("-nan")]
         opt = ClippedOptimizer(
             torch.optim.SGD(mine, lr=1.0), strategy, process_group=dist.group.WORLD
         )
@@ -387,7 +433,7 @@ def test_process_group_with_ranks_holding_different_tensors(tmp_path):
     tensors = _uneven_tensors()
     held = {0: tensors[0][:1], 1: tensors[1][:2]}  # rank r holds r + 1 tensors
     everything = [t for r in (0, 1) for t in held[r]]
-    for name in ("agc", "value"):
+    for name in ("agc", "agc-none", "value"):
         params = [torch.nn.Parameter(w.clone()) for w, _ in everything]
         for p, (_, g) in zip(params, everything, strict=True):
             p.grad = g.clone()

@@ -336,3 +336,93 @@ def test_fused_path_with_a_closure_equals_without():
     assert with_closure.counts()["clipped_steps"] > 0
     for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _reset_run(device_path, reset):
+    """Fused SGD with momentum; the optimizer state is reset before a NaN step."""
+    model = _model()
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True),
+        max_norm=0.3,
+    )
+    initial = copy.deepcopy(opt.state_dict())
+    patch = mock.patch.object(clipopt.functional, "is_host_readable", return_value=False)
+    spy = mock.patch.object(
+        clipopt._optimizer, "hand_over", wraps=clipopt._optimizer.hand_over
+    )
+    with patch if device_path else contextlib.nullcontext(), spy as handed:
+        for i, batch in enumerate(batches(5)):
+            if i == 2:
+                reset(opt, initial)
+            opt.zero_grad()
+            loss_of(model, batch).backward()
+            if i == 2:
+                with torch.no_grad():
+                    model[0].weight.grad[0, 0] = math.nan
+            opt.step()
+    plans = [c.args[1] for c in handed.call_args_list]
+    return model, sum(p.found_inf is not None for p in plans)
+
+
+@pytest.mark.parametrize(
+    "reset",
+    [
+        lambda opt, state: opt.load_state_dict(state),
+        lambda opt, state: opt.optimizer.state.clear(),
+    ],
+    ids=["load_state_dict", "state.clear"],
+)
+def test_fused_sgd_momentum_buffers_are_checked_again_after_a_reset(reset):
+    """A reset state has no momentum buffers: the host decides again until they exist."""
+    device_model, kernel_steps = _reset_run(True, reset)
+    host_model, _ = _reset_run(False, reset)
+    for a, b in zip(device_model.parameters(), host_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # step 0: no buffers yet; 1: kernel; 2 (reset, NaN) and 3: no buffers; 4: kernel
+    assert kernel_steps == 2
+
+
+class _UnguardedEma(clipopt.ClipStrategy):
+    """A user's single-factor strategy that records every statistic it is given."""
+
+    def __init__(self) -> None:
+        self.ema = torch.zeros(())
+
+    def measure(self, inputs):
+        return clipopt.functional.total_norm(inputs.grads)
+
+    def supports_coefficient(self):
+        return True
+
+    def clip_coefficient(self, inputs, norm):
+        self.ema = 0.9 * self.ema + 0.1 * norm  # no guard: its contract allows that
+        coef = clipopt.functional.clip_coef(norm, 0.3)
+        return clipopt.ClipResult(torch.full_like(norm, 0.3), coef, coef < 1)
+
+    def clip_(self, inputs, norm):
+        result = self.clip_coefficient(inputs, norm)
+        clipopt.functional.scale_(inputs.grads, result.coef)
+        return result
+
+
+def test_user_strategies_get_finite_statistics_under_skip_with_a_fused_kernel():
+    """Their contract promises finite statistics under "skip": the host decides."""
+    model = _model()
+    strategy = _UnguardedEma()
+    opt = ClippedOptimizer(torch.optim.Adam(model.parameters(), fused=True), strategy)
+    patch = mock.patch.object(clipopt.functional, "is_host_readable", return_value=False)
+    spy = mock.patch.object(
+        clipopt._optimizer, "hand_over", wraps=clipopt._optimizer.hand_over
+    )
+    with patch, spy as handed:
+        for i, batch in enumerate(batches(4)):
+            opt.zero_grad()
+            loss_of(model, batch).backward()
+            if i == 2:
+                with torch.no_grad():
+                    model[0].weight.grad[0, 0] = math.inf
+            opt.step()
+    assert torch.isfinite(strategy.ema)
+    assert opt.counts()["skipped_steps"] == 1
+    assert all(c.args[1].found_inf is None for c in handed.call_args_list)
+    assert handed.call_count == 3  # the factor still goes to the kernel (grad_scale)

@@ -183,3 +183,55 @@ def test_per_tensor_norms_under_a_process_group_build_positions_once(tmp_path):
     finally:
         dist.destroy_process_group()
     assert built == [(0, 1, 2, 3), (0, 2, 3)]
+
+
+def test_group_scope_under_a_process_group_with_an_empty_param_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        results = []
+        for group in (None, dist.group.WORLD):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+            sgd = torch.optim.SGD(model[0].parameters(), lr=0.1)
+            sgd.add_param_group({"params": []})
+            sgd.add_param_group({"params": list(model[1].parameters())})
+            strategy = NormClip(0.1, float("inf"), scope="group")
+            opt = clipopt.ClippedOptimizer(sgd, strategy, process_group=group)
+            model(
+                torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+            ).sum().backward()
+            opt.step()
+            results.append(
+                (opt.last_stats.to_dict(), [p.detach().clone() for p in model.parameters()])
+            )
+    finally:
+        dist.destroy_process_group()
+    (stats, params), (group_stats, group_params) = results
+    assert stats == group_stats
+    assert stats["clipped"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(params, group_params, strict=True))
+
+
+@pytest.mark.parametrize(
+    "strategy", [clipopt.AdaGC(warmup_steps=0), NormClip(0.1, scope="tensor")]
+)
+def test_copies_of_per_tensor_strategies_carry_no_parameters_or_gradients(strategy):
+    import copy
+    import pickle
+
+    model = torch.nn.Linear(300, 100)
+    opt = clipopt.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), strategy)
+    model(torch.randn(2, 300)).sum().backward()
+    opt.step()
+    assert len(pickle.dumps(strategy)) < 20_000  # the weight alone is 120 kB
+    copied = copy.deepcopy(strategy)
+    caches = [v for k, v in vars(copied).items() if k.startswith("_cache")]
+    assert caches
+    for cache in caches:
+        assert all(
+            not isinstance(v, (clipopt.ClipInputs, tuple)) for v in vars(cache).values()
+        )
