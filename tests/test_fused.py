@@ -184,19 +184,28 @@ def test_fused_skip_step_has_no_host_read_on_fake_cuda(cls, strategy):
         assert all(t.device.type == "cuda" for t in opt.last_stats)
 
 
+@contextlib.contextmanager
+def _device_path(enabled):
+    """Spy on what fused kernels are handed; with ``enabled``, as on an accelerator.
+
+    On the CPU the wrapper reads the non-finite flag on the host; pretending it cannot
+    exercises the accelerator path (the kernel skips) with real values.
+    """
+    patch = mock.patch.object(clipopt.functional, "is_host_readable", return_value=False)
+    spy = mock.patch.object(
+        clipopt._optimizer, "hand_over", wraps=clipopt._optimizer.hand_over
+    )
+    with patch if enabled else contextlib.nullcontext(), spy as handed:
+        yield handed
+
+
 def _skip_run(cls, kwargs, factory, device_path, nan_at, bad):
     """Train 5 steps with a ``bad`` entry at step ``nan_at``; return model, opt, plans."""
     model = _model()
     opt = ClippedOptimizer(
         cls(model.parameters(), lr=0.01, fused=True, **kwargs), factory()
     )
-    # On the CPU the wrapper reads the flag on the host; pretending it cannot exercises
-    # the accelerator path (the kernel skips) with real values.
-    patch = mock.patch.object(clipopt.functional, "is_host_readable", return_value=False)
-    spy = mock.patch.object(
-        clipopt._optimizer, "hand_over", wraps=clipopt._optimizer.hand_over
-    )
-    with patch if device_path else contextlib.nullcontext(), spy as handed:
+    with _device_path(device_path) as handed:
         for i, batch in enumerate(batches(5)):
             opt.zero_grad()
             loss_of(model, batch).backward()
@@ -338,6 +347,19 @@ def test_fused_path_with_a_closure_equals_without():
         assert torch.equal(a, b)
 
 
+def _train_with_bad(model, opt, steps, bad, at=2, before=None):
+    """Train ``steps`` steps with a ``bad`` gradient entry at step ``at``."""
+    for i, batch in enumerate(batches(steps)):
+        if i == at and before is not None:
+            before()
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        if i == at:
+            with torch.no_grad():
+                model[0].weight.grad[0, 0] = bad
+        opt.step()
+
+
 def _reset_run(device_path, reset):
     """Fused SGD with momentum; the optimizer state is reset before a NaN step."""
     model = _model()
@@ -346,20 +368,8 @@ def _reset_run(device_path, reset):
         max_norm=0.3,
     )
     initial = copy.deepcopy(opt.state_dict())
-    patch = mock.patch.object(clipopt.functional, "is_host_readable", return_value=False)
-    spy = mock.patch.object(
-        clipopt._optimizer, "hand_over", wraps=clipopt._optimizer.hand_over
-    )
-    with patch if device_path else contextlib.nullcontext(), spy as handed:
-        for i, batch in enumerate(batches(5)):
-            if i == 2:
-                reset(opt, initial)
-            opt.zero_grad()
-            loss_of(model, batch).backward()
-            if i == 2:
-                with torch.no_grad():
-                    model[0].weight.grad[0, 0] = math.nan
-            opt.step()
+    with _device_path(device_path) as handed:
+        _train_with_bad(model, opt, 5, math.nan, before=lambda: reset(opt, initial))
     plans = [c.args[1] for c in handed.call_args_list]
     return model, sum(p.found_inf is not None for p in plans)
 
@@ -410,18 +420,8 @@ def test_user_strategies_get_finite_statistics_under_skip_with_a_fused_kernel():
     model = _model()
     strategy = _UnguardedEma()
     opt = ClippedOptimizer(torch.optim.Adam(model.parameters(), fused=True), strategy)
-    patch = mock.patch.object(clipopt.functional, "is_host_readable", return_value=False)
-    spy = mock.patch.object(
-        clipopt._optimizer, "hand_over", wraps=clipopt._optimizer.hand_over
-    )
-    with patch, spy as handed:
-        for i, batch in enumerate(batches(4)):
-            opt.zero_grad()
-            loss_of(model, batch).backward()
-            if i == 2:
-                with torch.no_grad():
-                    model[0].weight.grad[0, 0] = math.inf
-            opt.step()
+    with _device_path(True) as handed:
+        _train_with_bad(model, opt, 4, math.inf)
     assert torch.isfinite(strategy.ema)
     assert opt.counts()["skipped_steps"] == 1
     assert all(c.args[1].found_inf is None for c in handed.call_args_list)
