@@ -564,9 +564,11 @@ class ClippedOptimizer(torch.optim.Optimizer):
             norm = norm / amp_scale.to(norm.device, norm.dtype)
         if amp_found is not None:
             nonfinite = nonfinite | (amp_found.to(nonfinite.device) > 0)
-        # The one host read of "skip" (unless a fused kernel skips for us, whatever the
-        # strategy; on the CPU the read is free, and cheaper than the kernel's found_inf
-        # bookkeeping) and "error": whether to step at all is then a Python decision.
+        # The one host read of "skip" (unless a fused kernel skips for us: built-in
+        # strategies, once the optimizer's state is sound, see _skips_in_kernel and
+        # _state_ready; on the CPU the read is free, and cheaper than the kernel's
+        # found_inf bookkeeping) and "error": whether to step at all is then a Python
+        # decision.
         kernel_skips = (
             self.nonfinite == "skip"
             and self._fused_kernel()
