@@ -765,8 +765,8 @@ class AGC(ClipStrategy):
         """Which gradients are clipped, grouped by shape: all that the parameters decide.
 
         Cached while the wrapper passes the same parameter list (it does while the param
-        groups do not change), so a step does no per-tensor Python work beyond gathering
-        the gradients.
+        groups and the set of missing gradients do not change), so a step does no
+        per-tensor Python work beyond gathering the gradients.
         """
         cached: _AGCPlan | None = getattr(self, "_cache_plan", None)
         if cached is not None and cached.params is inputs.params:

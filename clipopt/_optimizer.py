@@ -527,16 +527,29 @@ class ClippedOptimizer(torch.optim.Optimizer):
                     "sparse optimizer"
                 )
         self._sparse_checked = not missing
-        names = layout.names
+        # While the same gradients are missing, the kept lists are the same objects from
+        # step to step, so strategies' caches keyed on them (AGC's plan) stay valid.
+        kept = self.__dict__.get("_kept")
+        if kept is None or kept[0] is not layout or kept[1] != self._stepping[1]:
+            names = layout.names
+            kept = self._kept = (
+                layout,
+                self._stepping[1],
+                [layout.params[i] for i in keep],
+                keep,
+                [layout.group_index[i] for i in keep],
+                None if names is None else [names[i] for i in keep],
+            )
+        _, _, params, positions, group_index, kept_names = kept
         return ClipInputs(
-            [layout.params[i] for i in keep],
-            [cast(Tensor, grads[i]) for i in keep],
+            params,
+            [cast(Tensor, grads[i]) for i in positions],
             step,
-            keep,
+            positions,
             len(grads),
-            [layout.group_index[i] for i in keep],
+            group_index,
             layout.groups,
-            None if names is None else [names[i] for i in keep],
+            kept_names,
             layout.uniform,
             self._group.value,
             None if missing else layout.fast if fast else layout.batches,

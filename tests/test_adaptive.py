@@ -539,3 +539,21 @@ def test_state_validation_on_load():
                 "steps": torch.tensor(0),
             }
         )
+
+
+def test_agc_plan_is_built_once_while_the_same_gradient_is_missing():
+    """The wrapper passes the same kept lists while the same gradients are missing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    agc = AGC(0.01)
+    opt = clipopt.ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), agc)
+    plans = []
+    for step in range(4):
+        opt.zero_grad()
+        model(torch.randn(2, 3)).sum().backward()
+        if step >= 1:
+            model[0].bias.grad = None
+        opt.step()
+        plans.append(agc._cache_plan)
+    assert plans[0] is not plans[1]  # a gradient went missing: a new layout
+    assert plans[1] is plans[2] is plans[3]
