@@ -21,7 +21,7 @@ from torch import Tensor
 from . import functional as F
 from ._base import ClipInputs, ClipResult, ClipStrategy
 from ._registry import get_strategy, register_strategy
-from ._strategies import NormClip, ValueClip, _PerTensorNorms, _Positions, _total_norm
+from ._strategies import NormClip, ValueClip, _PerTensorNorms, _total_norm
 from ._validation import (
     Schedule,
     check_bool,
@@ -104,10 +104,10 @@ class _Stateful(ClipStrategy):
         self._state = None
 
     def _slots(self, size: int, device: torch.device) -> Tensor:
-        cached = getattr(self, "_slot_cache", None)
+        cached = getattr(self, "_cache_slots", None)
         if cached is None or cached.device != device or cached.numel() != size:
             cached = torch.arange(size, device=device)
-            self._slot_cache = cached
+            self._cache_slots = cached
         return cached
 
 
@@ -540,8 +540,7 @@ class AdaGC(_Stateful):
         self.max_norm = check_schedule("max_norm", max_norm)
         self.eps = check_threshold("eps", eps, allow_inf=False)
         self.foreach = check_foreach(foreach)
-        self._cache_index = _Positions()
-        self._cache_norms = _PerTensorNorms()
+        self._norms = _PerTensorNorms()
 
     def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
         return {
@@ -584,15 +583,15 @@ class AdaGC(_Stateful):
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total L2 norm of the gradients (from per-tensor norms)."""
-        self._cache_norms.compute(inputs, 2.0, self.foreach)
-        return self._cache_norms.total()
+        self._norms.compute(inputs, 2.0, self.foreach)
+        return self._norms.total()
 
     def clip_(self, inputs: ClipInputs, norm: Tensor) -> ClipResult:
         """Clip globally during warmup, then each tensor against its EMA."""
-        norms = self._cache_norms.take(inputs, 2.0, self.foreach)
+        norms = self._norms.take(inputs, 2.0, self.foreach)
         state = self._grown(norm, max(inputs.num_params, max(inputs.indices) + 1))
         gamma, initialized, steps = state["gamma"], state["initialized"], state["steps"]
-        index = self._cache_index.get(inputs, norm.device)
+        index = self._norms.positions(inputs, norm.device)
         usable = _usable(norm)
         new_steps = steps + usable.to(steps.dtype)
         warming = new_steps <= self.warmup_steps

@@ -224,6 +224,15 @@ class ClipStrategy(ABC):
     def reset(self) -> None:  # noqa: B027  (a deliberate no-op default)
         """Forget all state, as if freshly constructed."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave out ``_cache*`` attributes (rebuilt on first use).
+
+        Caches hold the last step's parameters, gradients and scratch buffers: a copy
+        (``ClippedOptimizer.load_state_dict`` checks a state on one) must not duplicate
+        them.
+        """
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_cache")}
+
     def hyperparameters(self) -> dict[str, Any]:
         """Return the constructor arguments, read back from same-named attributes."""
         names = [

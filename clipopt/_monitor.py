@@ -130,7 +130,7 @@ class StatsLogger:
             self.log(self.calls)
 
     def log(self, step: int) -> dict[str, float]:
-        """Read the statistics (one host copy) and hand them to the target now."""
+        """Read the statistics and counts (two host copies) and hand them to the target."""
         stats = self.optimizer.last_stats
         counts = self.optimizer.counts()
         values: dict[str, float] = {}

@@ -107,8 +107,8 @@ class _PerTensorNorms:
         self._positions = _Positions()
 
     def __getstate__(self) -> dict[str, Any]:
-        fresh = _PerTensorNorms()  # copies and pickles start empty: no gradients in them
-        return fresh.__dict__
+        # copies and pickles start empty: no gradients in them
+        return _PerTensorNorms().__dict__
 
     def compute(self, inputs: ClipInputs, norm_type: float, foreach: bool | None) -> Tensor:
         self._inputs = inputs
@@ -134,6 +134,10 @@ class _PerTensorNorms:
         """The norm of all per-tensor norms of the last ``compute`` (of all ranks)."""
         assert self._total is not None
         return self._total
+
+    def positions(self, inputs: ClipInputs, device: torch.device) -> Tensor:
+        """``inputs.indices`` as a device tensor (see :class:`_Positions`)."""
+        return self._positions.get(inputs, device)
 
     def by_position(self) -> Tensor:
         """The last ``compute``'s norms of all ``num_params`` positions (process group)."""
@@ -211,14 +215,14 @@ class NormClip(ClipStrategy):
         self.norm_type = check_norm_type(norm_type)
         self.scope = check_choice("scope", scope, ("global", "group", "tensor"))
         self.foreach = check_foreach(foreach)
-        self._cache = _PerTensorNorms()
+        self._norms = _PerTensorNorms()
 
     def measure(self, inputs: ClipInputs) -> Tensor:
         """Return the total ``norm_type``-norm of the gradients."""
         if self.scope == "global":
             return _total_norm(inputs, self.norm_type, self.foreach)
-        self._cache.compute(inputs, self.norm_type, self.foreach)
-        return self._cache.total()
+        self._norms.compute(inputs, self.norm_type, self.foreach)
+        return self._norms.total()
 
     def supports_coefficient(self) -> bool:
         """True for the global scope: one factor for all gradients."""
@@ -246,7 +250,7 @@ class NormClip(ClipStrategy):
                 F.scale_(inputs.grads, result.coef, foreach=self.foreach)
             return result
         threshold = torch.full_like(norm, max_norm)
-        norms = self._cache.take(inputs, self.norm_type, self.foreach)
+        norms = self._norms.take(inputs, self.norm_type, self.foreach)
         # Under a process group the statistics come from every parameter position, so
         # they are the same on every rank whatever gradients it holds.
         spans = _group_spans(inputs)
@@ -256,7 +260,7 @@ class NormClip(ClipStrategy):
                 post = torch.linalg.vector_norm(norms * coefs, self.norm_type)
                 clipped = (coefs < 1.0).any()
             else:
-                everywhere = self._cache.by_position()
+                everywhere = self._norms.by_position()
                 all_coefs = _coefs(everywhere, max_norm)
                 post = torch.linalg.vector_norm(everywhere * all_coefs, self.norm_type)
                 clipped = (all_coefs < 1.0).any()
@@ -273,7 +277,7 @@ class NormClip(ClipStrategy):
                 if spans is None:
                     held = torch.stack([parts[i] for i in members[group]])
                 else:  # all the group's positions, also those other ranks hold
-                    held = self._cache.by_position()[spans[group] : spans[group + 1]]
+                    held = self._norms.by_position()[spans[group] : spans[group + 1]]
                 group_norm = torch.linalg.vector_norm(held, self.norm_type)
                 group_coef = _coefs(group_norm, limit)
                 for i in members.get(group, ()):

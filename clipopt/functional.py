@@ -1,8 +1,10 @@
 """Pure tensor-list kernels behind the clipping strategies.
 
 Every function here works on lists of tensors, groups them by device and dtype, and uses
-one ``torch._foreach_*`` call per group where the device supports it. None of them reads
-a tensor's value on the host, so none of them stalls an accelerator.
+one ``torch._foreach_*`` call per group where the device supports it. None of the
+kernels reads a tensor's value on the host, so none of them stalls an accelerator; the
+predicates ``is_host_readable``, ``is_cpu_one`` and ``is_cpu_false`` read only real CPU
+tensors, where a read costs no sync.
 
 ``total_norm``, ``clip_coef`` and ``scale_`` reproduce
 ``torch.nn.utils.clip_grad_norm_`` bit for bit when the threshold is a Python float, and
@@ -341,18 +343,7 @@ def total_norm(
         # reduction of per-tensor norms would need the same list on every rank.
         # DTensors are global already (their own collectives): only plain shards reduce.
         if not uniform and _mixed(tensors):
-            parts = [
-                total_norm(
-                    [t for t in tensors if _is_dtensor(t) == kind],
-                    norm_type,
-                    foreach=foreach,
-                    group=None if kind else group,
-                )
-                for kind in (True, False)
-            ]
-            return _reduce_total(
-                torch.stack([p.to(parts[0].device) for p in parts]), norm_type
-            )
+            return _mixed_total(tensors, norm_type, foreach, group)
         if _is_dtensor(tensors[0]):
             return total_norm(tensors, norm_type, foreach=foreach)
         local = total_norm(
@@ -362,14 +353,7 @@ def total_norm(
     if batches is not None and batches.applies(tensors):
         return _reduce_total(batches.norms(tensors, norm_type, foreach), norm_type)
     if not uniform and _mixed(tensors):
-        # each kind on its own (DTensor ops refuse plain tensors), then the norm of both
-        parts = [
-            total_norm(
-                [t for t in tensors if _is_dtensor(t) == kind], norm_type, foreach=foreach
-            )
-            for kind in (True, False)
-        ]
-        return _reduce_total(torch.stack([p.to(parts[0].device) for p in parts]), norm_type)
+        return _mixed_total(tensors, norm_type, foreach, None)
     first = tensors[0].device
     if math.isinf(norm_type):
         # torch cannot take the max of an empty tensor (no identity), so drop zero-size
@@ -392,6 +376,25 @@ def total_norm(
         norms = [n.to(first) for n in norms]
     result: Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return _global(result)
+
+
+def _mixed_total(
+    tensors: Sequence[Tensor], norm_type: float, foreach: bool | None, group: Any
+) -> Tensor:
+    """The norm of DTensors next to plain tensors, each kind on its own.
+
+    DTensor ops refuse plain tensors. Only the plain ones are reduced over ``group``.
+    """
+    parts = [
+        total_norm(
+            [t for t in tensors if _is_dtensor(t) == kind],
+            norm_type,
+            foreach=foreach,
+            group=None if kind else group,
+        )
+        for kind in (True, False)
+    ]
+    return _reduce_total(torch.stack([p.to(parts[0].device) for p in parts]), norm_type)
 
 
 def _reduce_total(norms: Tensor, norm_type: float) -> Tensor:
