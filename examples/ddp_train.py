@@ -64,4 +64,4 @@ def main(steps: int = 50) -> bool:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
-    main(parser.parse_args().steps)
+    raise SystemExit(0 if main(parser.parse_args().steps) else 1)

@@ -104,11 +104,19 @@ def test_attach_refusals_and_detach():
 def test_attach_with_gradscaler_and_a_fused_optimizer():
     model_a = _model()
     model_b = copy.deepcopy(model_a)
+    model_w = copy.deepcopy(model_a)
     fused = torch.optim.AdamW(model_a.parameters(), lr=0.01, fused=True)
     clipopt.attach(fused, max_norm=0.2)
     ref = torch.optim.AdamW(model_b.parameters(), lr=0.01, fused=True)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    wrapper = clipopt.ClippedOptimizer(
+        torch.optim.AdamW(model_w.parameters(), lr=0.01, fused=True), max_norm=0.2
+    )
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(3)]
     for batch in batches(4):
+        wrapper.zero_grad()
+        scalers[2].scale(loss_of(model_w, batch)).backward()
+        scalers[2].step(wrapper)
+        scalers[2].update()
         fused.zero_grad()
         scalers[0].scale(loss_of(model_a, batch)).backward()
         scalers[0].step(fused)
@@ -119,7 +127,10 @@ def test_attach_with_gradscaler_and_a_fused_optimizer():
         torch.nn.utils.clip_grad_norm_(model_b.parameters(), 0.2)
         scalers[1].step(ref)
         scalers[1].update()
-    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+    for a, b, w in zip(
+        model_a.parameters(), model_b.parameters(), model_w.parameters(), strict=True
+    ):
+        assert torch.equal(a, w)  # attach mode and the wrapper: the same bits
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
     model_c = _model()
     agc = torch.optim.AdamW(model_c.parameters(), lr=0.01, fused=True)

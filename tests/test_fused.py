@@ -205,33 +205,31 @@ def _skip_run(cls, kwargs, factory, device_path, nan_at, bad):
     opt = ClippedOptimizer(
         cls(model.parameters(), lr=0.01, fused=True, **kwargs), factory()
     )
+    before = {}
+
+    def snapshot():
+        before["params"] = [p.detach().clone() for p in model.parameters()]
+        before["state"] = copy.deepcopy(opt.optimizer.state_dict()["state"])
+        before["strategy"] = copy.deepcopy(opt.strategy.state_dict())
+
+    def check():
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(before["params"], model.parameters(), strict=True)
+        )
+        # At the first step a fused Adam creates its state (zero moments) before its
+        # kernel skips, and a strategy its fresh state: equivalent to none, as the
+        # final comparison with the host's skip shows. Later, state must stay as it was.
+        if before["state"]:
+            _assert_same_state(before["state"], opt.optimizer.state_dict()["state"])
+        if before["strategy"]:
+            _assert_same_state(before["strategy"], opt.strategy.state_dict())
+        assert bool(opt.last_stats.nonfinite)
+        assert opt.last_stats.coef == 0
+        assert not bool(opt.last_stats.clipped)
+
     with _device_path(device_path) as handed:
-        for i, batch in enumerate(batches(5)):
-            opt.zero_grad()
-            loss_of(model, batch).backward()
-            if i != nan_at:
-                opt.step()
-                continue
-            with torch.no_grad():
-                model[0].weight.grad[0, 0] = bad
-            params = [p.detach().clone() for p in model.parameters()]
-            state = copy.deepcopy(opt.optimizer.state_dict()["state"])
-            strategy_state = copy.deepcopy(opt.strategy.state_dict())
-            opt.step()
-            assert all(
-                torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True)
-            )
-            # At the first step a fused Adam creates its state (zero moments) before its
-            # kernel skips, and a strategy its fresh state: equivalent to none, as the
-            # final comparison with the host's skip shows. Later, state must stay as it
-            # was.
-            if state:
-                _assert_same_state(state, opt.optimizer.state_dict()["state"])
-            if strategy_state:
-                _assert_same_state(strategy_state, opt.strategy.state_dict())
-            assert bool(opt.last_stats.nonfinite)
-            assert opt.last_stats.coef == 0
-            assert not bool(opt.last_stats.clipped)
+        _train_with_bad(model, opt, 5, bad, at=nan_at, before=snapshot, after=check)
     return model, opt, [c.args[1] for c in handed.call_args_list]
 
 
@@ -347,8 +345,11 @@ def test_fused_path_with_a_closure_equals_without():
         assert torch.equal(a, b)
 
 
-def _train_with_bad(model, opt, steps, bad, at=2, before=None):
-    """Train ``steps`` steps with a ``bad`` gradient entry at step ``at``."""
+def _train_with_bad(model, opt, steps, bad, at=2, before=None, after=None):
+    """Train ``steps`` steps with a ``bad`` gradient entry at step ``at``.
+
+    ``before`` and ``after`` run around that step.
+    """
     for i, batch in enumerate(batches(steps)):
         if i == at and before is not None:
             before()
@@ -358,6 +359,8 @@ def _train_with_bad(model, opt, steps, bad, at=2, before=None):
             with torch.no_grad():
                 model[0].weight.grad[0, 0] = bad
         opt.step()
+        if i == at and after is not None:
+            after()
 
 
 def _reset_run(device_path, reset):

@@ -8,14 +8,7 @@ import clipopt
 import clipopt.plots
 from clipopt import ClippedOptimizer
 from tests.conftest import batches, loss_of
-from tests.test_optimizer import _model
-
-
-def _run(opt, model, n=6):
-    for batch in batches(n):
-        opt.zero_grad()
-        loss_of(model, batch).backward()
-        opt.step()
+from tests.test_optimizer import _model, _train
 
 
 def test_history_records_every_step_and_matches_last_stats():
@@ -34,7 +27,7 @@ def test_history_records_every_step_and_matches_last_stats():
         for key, value in stats.items():
             assert data[key][i] == pytest.approx(value)
     history.close()
-    _run(opt, model, 2)
+    _train(model, opt, batches(2))
     assert len(history) == 5
 
 
@@ -55,7 +48,7 @@ def test_log_stats_to_a_callable_every_n_steps():
     logger = clipopt.log_stats(
         opt, lambda stats, step: logged.append((step, stats)), every=2
     )
-    _run(opt, model, 6)
+    _train(model, opt, batches(6))
     assert [step for step, _ in logged] == [2, 4, 6]
     _, stats = logged[-1]
     assert set(stats) == {
@@ -76,7 +69,7 @@ def test_log_stats_to_a_callable_every_n_steps():
     )
     assert stats["clip/clip_rate"] == 1.0
     logger.close()
-    _run(opt, model, 2)
+    _train(model, opt, batches(2))
     assert len(logged) == 3
 
 
@@ -89,7 +82,7 @@ def test_log_stats_to_tensorboard(tmp_path):
     opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
     writer = SummaryWriter(str(tmp_path))
     clipopt.log_stats(opt, writer, every=1)
-    _run(opt, model, 3)
+    _train(model, opt, batches(3))
     writer.close()
     events = EventAccumulator(str(tmp_path))
     events.Reload()
@@ -112,12 +105,12 @@ def test_warns_when_clipping_always_or_never_fires():
     always = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), max_norm=1e-9)
     clipopt.log_stats(always, lambda s, step: None, every=1, warn_after=3)
     with pytest.warns(UserWarning, match="fired on every one of the last"):
-        _run(always, model, 6)
+        _train(model, always, batches(6))
     model = _model()
     never = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), max_norm=1e9)
     clipopt.log_stats(never, lambda s, step: None, every=1, warn_after=3)
     with pytest.warns(UserWarning, match="has not fired in the last"):
-        _run(never, model, 6)
+        _train(model, never, batches(6))
 
 
 def test_no_gradient_warning_is_rate_limited():
