@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 import clipopt
+from clipopt.strategies import clip_gradients
 
 # The reference implementations live with the tests, which check them against clipopt.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -193,11 +194,11 @@ def clip_only_cases(grads: Gradients) -> dict[str, Step]:
     """The AGC clipping alone, ours against timm's."""
     params = grads.params
     agc = clipopt.AGC(0.01)
-    inputs = clipopt.ClipInputs(params, [p.grad for p in params], 0)
+    plan = agc.plan(clipopt.ClipInputs(params, [p.grad for p in params], 0))
 
-    def ours() -> None:
-        fresh = clipopt.ClipInputs(params, [p.grad for p in params], inputs.step)
-        agc.clip_(fresh, agc.measure(fresh))
+    def ours() -> None:  # what the engine runs: the plan is made once per layout
+        fresh = clipopt.ClipInputs(params, [p.grad for p in params], 0, plan=plan)
+        clip_gradients(agc, fresh)
 
     return {
         "agc clip only: clipopt": ours,

@@ -33,29 +33,39 @@ if _torch_version(_torch.__version__) < MIN_TORCH:  # pragma: no cover
         f"found {_torch.__version__}; upgrade torch"
     )
 
-from . import functional  # noqa: E402
-from ._adaptive import AGC, AdaGC, Chain, PercentileClip, ZScoreClip  # noqa: E402
+from . import functional, strategies  # noqa: E402
 from ._attach import Attachment, attach  # noqa: E402
-from ._base import ClipInputs, ClipResult, ClipStats, ClipStrategy  # noqa: E402
-from ._monitor import (  # noqa: E402
-    GradRecorder,
-    GradReport,
-    GradReportRow,
-    StatsHistory,
-    StatsLogger,
-    check_double_clipping,
-    grad_report,
-    log_stats,
+from ._engine import Clipper, Handover, NonfinitePolicy  # noqa: E402
+from ._health import GradRecorder, GradReport, GradReportRow, grad_report  # noqa: E402
+from ._optimizer import ClippedOptimizer  # noqa: E402
+from ._protocol import (  # noqa: E402
+    Clamp,
+    ClipInputs,
+    ClipResult,
+    ClipStats,
+    ClipStrategy,
+    Measurement,
+    Scale,
+    ScaleEach,
 )
-from ._optimizer import ClippedOptimizer, NonfinitePolicy  # noqa: E402
 from ._registry import (  # noqa: E402
     available_strategies,
     get_strategy,
     register_strategy,
 )
-from ._strategies import NormClip, ValueClip  # noqa: E402
+from ._stats import StatsHistory, StatsLogger, log_stats  # noqa: E402
+from .integrations import check_double_clipping  # noqa: E402
+from .strategies import (  # noqa: E402
+    AGC,
+    AdaGC,
+    Chain,
+    NormClip,
+    PercentileClip,
+    ValueClip,
+    ZScoreClip,
+)
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "AGC",
@@ -63,17 +73,23 @@ __all__ = [
     "AdaGC",
     "Attachment",
     "Chain",
+    "Clamp",
     "ClipInputs",
     "ClipResult",
     "ClipStats",
     "ClipStrategy",
     "ClippedOptimizer",
+    "Clipper",
     "GradRecorder",
     "GradReport",
     "GradReportRow",
+    "Handover",
+    "Measurement",
     "NonfinitePolicy",
     "NormClip",
     "PercentileClip",
+    "Scale",
+    "ScaleEach",
     "StatsHistory",
     "StatsLogger",
     "ValueClip",
@@ -87,4 +103,5 @@ __all__ = [
     "grad_report",
     "log_stats",
     "register_strategy",
+    "strategies",
 ]

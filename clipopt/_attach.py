@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from ._base import ClipStats, ClipStrategy
-from ._optimizer import (
-    _HANDED,
-    _SKIP,
-    STATE_KEY,
-    ClippedOptimizer,
-    NonfinitePolicy,
-    _FusedPlan,
-    hand_over,
-    take_back,
-)
+from ._engine import STATE_KEY, Clipper, NonfinitePolicy
+from ._optimizer import ClippedOptimizer
+from ._ownership import claim, release
+from ._protocol import ClipStats, ClipStrategy
+from ._torch_private import hand_over, read_handed, take_back
 
 __all__ = ["Attachment", "attach"]
 
@@ -27,35 +23,21 @@ class Attachment:
 
     Attributes:
         optimizer: The optimizer clipping is attached to.
+        clipper: The :class:`clipopt.Clipper` that clips.
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        strategy: str | ClipStrategy,
-        *,
-        nonfinite: NonfinitePolicy,
-        process_group: Any,
-        strategy_kwargs: Mapping[str, Any],
-    ) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, clipper: Clipper) -> None:
         if isinstance(optimizer, ClippedOptimizer):
             raise TypeError(
-                "optimizer is already a ClippedOptimizer; attach to a plain optimizer"
+                "optimizer is already a ClippedOptimizer, which clips in its step(); "
+                "attach to a plain optimizer, or use the wrapper alone"
             )
-        if getattr(optimizer, "_clipopt_attachment", None) is not None:
-            raise TypeError("clipping is already attached to this optimizer")
-        # The engine is a ClippedOptimizer that is never stepped itself: the same code
-        # clips here as in the wrapper, so results are identical.
-        self._engine = ClippedOptimizer(
-            optimizer,
-            strategy,
-            nonfinite=nonfinite,
-            process_group=process_group,
-            **strategy_kwargs,
-        )
+        claim(optimizer, self, "attach()")
         self.optimizer = optimizer
+        self.clipper = clipper
         self._pending_state: Mapping[str, Any] | None = None
         self._saved: dict[str, Any] | None = None
+        self._dropped: list[tuple[Tensor, Tensor]] | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -63,21 +45,28 @@ class Attachment:
             optimizer.register_load_state_dict_pre_hook(self._take_state),
             optimizer.register_load_state_dict_post_hook(self._load_state),
         ]
-        optimizer._clipopt_attachment = self  # type: ignore[attr-defined]
+        # torch's Optimizer.__getstate__ keeps no hooks, so a deep copy would lose the
+        # clipping in silence; this instance attribute makes copies clip too.
+        vars(optimizer)["__deepcopy__"] = self._copy_optimizer
 
     @property
     def strategy(self) -> ClipStrategy:
         """The clipping strategy."""
-        return self._engine.strategy
+        return self.clipper.strategy
+
+    @property
+    def nonfinite(self) -> NonfinitePolicy:
+        """The non-finite policy."""
+        return self.clipper.nonfinite
 
     @property
     def last_stats(self) -> ClipStats | None:
         """Statistics of the last step that had gradients (see ``ClippedOptimizer``)."""
-        return self._engine.last_stats
+        return self.clipper.last_stats
 
     def counts(self) -> dict[str, int]:
-        """The running counts (see :meth:`ClippedOptimizer.counts`)."""
-        return self._engine.counts()
+        """The running counts (see :meth:`clipopt.Clipper.counts`)."""
+        return self.clipper.counts()
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # torch passes step()'s own arguments, the optimizer first
@@ -87,65 +76,70 @@ class Attachment:
                 "attach mode clips before step() runs, so it cannot clip the gradients a "
                 "closure computes; wrap the optimizer in clipopt.ClippedOptimizer instead"
             )
-        engine = self._engine
-        scaler_attrs = {
-            k: optimizer.__dict__[k] for k in _HANDED if k in optimizer.__dict__
-        }
-        if scaler_attrs and not engine._fused_capable():
-            raise RuntimeError(
-                f"GradScaler hands {type(optimizer).__name__}(fused=True) scaled "
-                f"gradients, which {engine.strategy!r} cannot clip (it needs a single "
-                "factor); use "
-                "clipopt.ClippedOptimizer, or a non-fused optimizer"
-            )
-        engine.__dict__.update(scaler_attrs)  # GradScaler's one-pass protocol, if any
-        try:
-            plan = engine._clip()
-        finally:
-            for key in scaler_attrs:
-                engine.__dict__.pop(key, None)
-        if plan is _SKIP:
-            # Nothing to step: without gradients the optimizer leaves parameters and its
-            # state as they were, which is exactly a skipped step.
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-        elif isinstance(plan, _FusedPlan):
-            saved = hand_over(optimizer, plan)
-            # GradScaler deletes its own attributes after the step; ours we take back
-            self._saved = None if scaler_attrs else saved
+        handover = self.clipper.clip(*read_handed(optimizer))
+        if handover is None:
+            # Skipped: without gradients the optimizer leaves parameters and its state
+            # as they were, which is exactly a skipped step. They come back afterwards.
+            self._dropped = [
+                (p, p.grad)
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            ]
+            for p, _ in self._dropped:
+                p.grad = None
+        else:
+            self._saved = hand_over(optimizer, *handover)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._saved is not None:
             take_back(optimizer, self._saved)
             self._saved = None
+        if self._dropped is not None:
+            for p, grad in self._dropped:
+                p.grad = grad
+            self._dropped = None
 
     def _add_state(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
-        state_dict[STATE_KEY] = self._engine.clipopt_state_dict()
+        state_dict[STATE_KEY] = self.clipper.state_dict()
         return state_dict
 
     def _take_state(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
         own = state_dict.get(STATE_KEY)
         if own is not None:
-            self._engine._check_own_state(own)  # before anything changes
+            self.clipper.check_state_dict(own)  # before anything changes
         self._pending_state = own
         return {k: v for k, v in state_dict.items() if k != STATE_KEY}
 
     def _load_state(self, optimizer: Any) -> None:
         if self._pending_state is not None:
-            self._engine.load_clipopt_state_dict(self._pending_state)
+            self.clipper.load_state_dict(self._pending_state)
             self._pending_state = None
+
+    def _copy_optimizer(self, memo: dict[int, Any]) -> torch.optim.Optimizer:
+        """``copy.deepcopy(optimizer)``: the copy, with a copy of this clipping attached."""
+        optimizer = self.optimizer
+        own = vars(optimizer).pop("__deepcopy__")
+        try:
+            new = copy.deepcopy(optimizer, memo)
+        finally:
+            vars(optimizer)["__deepcopy__"] = own
+        clipper = copy.deepcopy(self.clipper, memo)
+        clipper.optimizer = new
+        Attachment(new, clipper)
+        return new
 
     def detach(self) -> None:
         """Remove every hook: the optimizer no longer clips."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.optimizer.__dict__.pop("_clipopt_attachment", None)
+        vars(self.optimizer).pop("__deepcopy__", None)
+        release(self.optimizer)
 
     def __repr__(self) -> str:
         return (
-            f"Attachment(strategy={self.strategy!r}, nonfinite={self._engine.nonfinite!r}, "
+            f"Attachment(strategy={self.strategy!r}, nonfinite={self.nonfinite!r}, "
             f"optimizer={type(self.optimizer).__name__})"
         )
 
@@ -163,10 +157,12 @@ def attach(
     For code that must hold on to its own optimizer (Hugging Face ``Trainer``,
     ``torch.distributed.checkpoint`` helpers): clipping runs in a step pre-hook, and the
     strategy's state and counts live in the optimizer's own ``state_dict()`` under
-    ``"clipopt"`` through state-dict hooks. Results equal those of
-    :class:`clipopt.ClippedOptimizer` with the same arguments (tested), including the
-    fused path and GradScaler. A skipped non-finite step drops the gradients, so the
-    optimizer does nothing. Closures are refused: use the wrapper for closure optimizers.
+    ``"clipopt"`` through state-dict hooks. The same engine clips as in
+    :class:`clipopt.ClippedOptimizer`, so results are identical (tested), including the
+    fused path and GradScaler. A step skipped on the host hides the gradients from the
+    optimizer during its ``step()``, so it does nothing, and puts them back afterwards.
+    Closures are refused: use the wrapper for closure optimizers. ``copy.deepcopy`` of
+    the optimizer keeps the clipping (a pickle does not: pickle its state dict).
 
     Args:
         optimizer: The optimizer.
@@ -176,7 +172,12 @@ def attach(
         **strategy_kwargs: The strategy's parameters, when ``strategy`` is a name.
 
     Returns:
-        The attachment: ``last_stats``, ``counts()``, ``strategy``, ``detach()``.
+        The attachment: ``last_stats``, ``counts()``, ``strategy``, ``clipper``,
+        ``detach()``.
+
+    Raises:
+        TypeError: ``optimizer`` is a ``ClippedOptimizer`` or already clipped, or the
+            strategy arguments are wrong (as for the wrapper).
 
     Example:
         >>> import torch, clipopt
@@ -191,10 +192,15 @@ def attach(
         >>> "clipopt" in sgd.state_dict()
         True
     """
-    return Attachment(
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    clipper = Clipper(
         optimizer,
         strategy,
         nonfinite=nonfinite,
         process_group=process_group,
         strategy_kwargs=strategy_kwargs,
     )
+    return Attachment(optimizer, clipper)

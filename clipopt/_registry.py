@@ -1,71 +1,102 @@
-"""Names for strategies: ``"norm"`` and friends, plus user-registered ones."""
+"""Names for strategies: ``"norm"`` and friends, aliases, and user-registered ones.
+
+Names are case-insensitive (``"Norm"`` is ``"norm"``); an unknown name gets a "did you
+mean" suggestion.
+"""
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ._base import ClipStrategy
+from ._protocol import ClipStrategy
 
-__all__ = ["available_strategies", "get_strategy", "register_strategy"]
+__all__ = ["available_strategies", "get_strategy", "register_strategy", "resolve_name"]
 
 _S = TypeVar("_S", bound=type[ClipStrategy])
 _REGISTRY: dict[str, type[ClipStrategy]] = {}
+#: alias -> registered name
+_ALIASES: dict[str, str] = {}
 
 
-def register_strategy(name: str) -> Callable[[_S], _S]:
+def _key(name: str) -> str:
+    return name.strip().lower()
+
+
+def register_strategy(
+    name: str, *, aliases: Sequence[str] = (), override: bool = False
+) -> Callable[[_S], _S]:
     """Class decorator that makes a :class:`ClipStrategy` subclass available by name.
 
     Args:
-        name: A non-empty name not registered yet.
+        name: A non-empty name (case-insensitive).
+        aliases: Other names for the same strategy (e.g. ``"autoclip"``).
+        override: Replace a strategy already registered under ``name`` (or an alias),
+            e.g. when a notebook cell that registers it runs again.
 
     Returns:
         The decorator; it returns the class unchanged (with ``name`` set).
 
     Raises:
         TypeError: ``name`` is not a string, or the class is not a ``ClipStrategy``.
-        ValueError: ``name`` is empty or already registered.
+        ValueError: ``name`` is empty, or already registered without ``override``.
 
     Example:
         >>> import clipopt
-        >>> @clipopt.register_strategy("doc-example-none")
+        >>> @clipopt.register_strategy("doc-example-none", override=True)
         ... class NoClip(clipopt.ClipStrategy):
         ...     def measure(self, inputs):
         ...         return clipopt.functional.total_norm(inputs.grads)
-        ...     def clip_(self, inputs, norm):
-        ...         one = norm.new_ones(())
-        ...         return clipopt.ClipResult(norm.new_full((), float("inf")), one, one < 1)
+        ...     def clip(self, inputs, measured, skip=None):
+        ...         one = measured.norm.new_ones(())
+        ...         return clipopt.ClipResult(one * float("inf"), one, one < 1)
         >>> "doc-example-none" in clipopt.available_strategies()
         True
     """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {name!r}")
-    if not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
-    if name in _REGISTRY:
-        raise ValueError(
-            f"name {name!r} is already registered to {_REGISTRY[name].__qualname__}"
-        )
+    keys = [name, *aliases]
+    for key in keys:
+        if not isinstance(key, str):
+            raise TypeError(f"name must be a str, got {key!r}")
+        if not key.strip():
+            raise ValueError(f"name must be a non-empty str, got {key!r}")
+    if isinstance(aliases, str):
+        raise TypeError(f"aliases must be a sequence of names, got {aliases!r}")
+
+    def check_free() -> None:
+        for key in map(_key, keys):
+            taken = _REGISTRY.get(key) or _REGISTRY.get(_ALIASES.get(key, ""))
+            if taken is not None and not override:
+                raise ValueError(
+                    f"name {key!r} is already registered to {taken.__qualname__}; pass "
+                    "override=True to replace it"
+                )
+
+    check_free()
 
     def decorator(cls: _S) -> _S:
         if not (isinstance(cls, type) and issubclass(cls, ClipStrategy)):
             raise TypeError(
                 f"register_strategy({name!r}) needs a ClipStrategy subclass, got {cls!r}"
             )
-        if name in _REGISTRY:
-            raise ValueError(
-                f"name {name!r} is already registered to {_REGISTRY[name].__qualname__}"
-            )
-        cls.name = name
-        _REGISTRY[name] = cls
+        check_free()
+        main = _key(name)
+        for alias, target in list(_ALIASES.items()):
+            if target == main or alias in map(_key, keys):
+                del _ALIASES[alias]
+        for key in map(_key, aliases):
+            _REGISTRY.pop(key, None)
+            _ALIASES[key] = main
+        cls.name = main
+        _REGISTRY[main] = cls
         return cls
 
     return decorator
 
 
 def available_strategies() -> list[str]:
-    """Return the registered strategy names, sorted.
+    """Return the registered strategy names, sorted (aliases not included).
 
     Example:
         >>> import clipopt
@@ -73,6 +104,28 @@ def available_strategies() -> list[str]:
         True
     """
     return sorted(_REGISTRY)
+
+
+def resolve_name(name: str) -> str:
+    """Return the registered name for ``name`` (any case, or an alias).
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: Nothing is registered under ``name``; the message suggests close
+            names and lists the available ones.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"strategy name must be a str, got {name!r}")
+    key = _key(name)
+    key = _ALIASES.get(key, key)
+    if key in _REGISTRY:
+        return key
+    close = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
+    raise ValueError(
+        f"unknown strategy {name!r}{hint} Available: {', '.join(available_strategies())}"
+        + (f" (aliases: {', '.join(sorted(_ALIASES))})" if _ALIASES else "")
+    )
 
 
 def _accepted_kwargs(cls: type[ClipStrategy]) -> list[str] | None:
@@ -90,7 +143,7 @@ def get_strategy(name: str, /, **kwargs: Any) -> ClipStrategy:
     """Build the strategy registered under ``name`` with ``kwargs``.
 
     Args:
-        name: A name from :func:`available_strategies`.
+        name: A name from :func:`available_strategies` or an alias, in any case.
         **kwargs: The strategy's hyperparameters.
 
     Returns:
@@ -99,21 +152,15 @@ def get_strategy(name: str, /, **kwargs: Any) -> ClipStrategy:
     Raises:
         TypeError: ``name`` is not a string, or ``kwargs`` holds a name the strategy does
             not accept (the message lists the accepted ones).
-        ValueError: No strategy is registered under ``name`` (the message lists them).
+        ValueError: No strategy is registered under ``name`` (the message suggests close
+            names and lists the available ones).
 
     Example:
         >>> import clipopt
-        >>> clipopt.get_strategy("norm", max_norm=0.5)
+        >>> clipopt.get_strategy("Norm", max_norm=0.5)
         NormClip(max_norm=0.5, norm_type=2.0, scope='global', foreach=None)
     """
-    if not isinstance(name, str):
-        raise TypeError(f"strategy name must be a str, got {name!r}")
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown strategy {name!r}; available: {', '.join(available_strategies())}"
-        ) from None
+    cls = _REGISTRY[resolve_name(name)]
     accepted = _accepted_kwargs(cls)
     if accepted is not None:
         unknown = sorted(set(kwargs) - set(accepted))

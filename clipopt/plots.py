@@ -14,7 +14,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._monitor import GradRecorder, StatsHistory
+from ._health import GradRecorder
+from ._stats import StatsHistory
 
 __all__ = ["plot_layer_heatmap", "plot_stats"]
 

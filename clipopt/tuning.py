@@ -46,11 +46,12 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
 import numpy as np
 import torch
 
-from ._base import ClipStrategy
 from ._optimizer import ClippedOptimizer
+from ._ownership import borrowed
+from ._protocol import ClipStrategy
 from ._registry import available_strategies, get_strategy
-from ._strategies import NormClip
 from ._validation import check_choice, check_int, check_range
+from .strategies import NormClip
 
 __all__ = [
     "DEFAULT_SPACES",
@@ -327,14 +328,15 @@ def probe_grad_norms(
     """
     n_steps = check_int("n_steps", n_steps, minimum=1)
     inner = optimizer.optimizer if isinstance(optimizer, ClippedOptimizer) else optimizer
-    recorder = ClippedOptimizer(inner, NormClip(max_norm=math.inf, norm_type=norm_type))
     norms: list[torch.Tensor] = []
-    for _ in range(n_steps):
-        before = recorder.counts()
-        train_step(recorder)
-        after = recorder.counts()
-        if after["steps"] > before["steps"] and recorder.last_stats is not None:
-            norms.append(recorder.last_stats.norm.detach())
+    with borrowed(inner):
+        recorder = ClippedOptimizer(inner, NormClip(max_norm=math.inf, norm_type=norm_type))
+        for _ in range(n_steps):
+            before = recorder.counts()
+            train_step(recorder)
+            after = recorder.counts()
+            if after["steps"] > before["steps"] and recorder.last_stats is not None:
+                norms.append(recorder.last_stats.norm.detach())
     values = torch.stack(norms).double().cpu().tolist() if norms else []
     return GradNormProbe(
         tuple(values), recorder.counts()["skipped_steps"], float(norm_type)

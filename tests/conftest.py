@@ -100,3 +100,14 @@ def load_script(path):
 def loss_of(model: torch.nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return torch.nn.functional.mse_loss(model(x), y)
+
+
+@pytest.fixture
+def threads(request):
+    """Run a numerics test with ``request.param`` torch threads, then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(before)

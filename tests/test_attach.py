@@ -85,8 +85,10 @@ def test_attach_refusals_and_detach():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     attached = clipopt.attach(opt, max_norm=1e-3)
-    with pytest.raises(TypeError, match="already attached"):
+    with pytest.raises(TypeError, match=r"already clipped by a Attachment.*detach"):
         clipopt.attach(opt)
+    with pytest.raises(TypeError, match="already clipped by a Attachment"):
+        ClippedOptimizer(opt)  # a wrapper on an attached optimizer: clipping twice
     with pytest.raises(TypeError, match="attach to a plain optimizer"):
         clipopt.attach(ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1)))
     loss_of(model, batches(1)[0]).backward()
@@ -132,10 +134,20 @@ def test_attach_with_gradscaler_and_a_fused_optimizer():
     ):
         assert torch.equal(a, w)  # attach mode and the wrapper: the same bits
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
-    model_c = _model()
-    agc = torch.optim.AdamW(model_c.parameters(), lr=0.01, fused=True)
-    clipopt.attach(agc, "agc")
-    scaler = torch.amp.GradScaler("cpu")
-    scaler.scale(loss_of(model_c, batches(1)[0])).backward()
-    with pytest.raises(RuntimeError, match="scaled gradients, which AGC"):
-        scaler.step(agc)
+    # a multi-factor strategy: the engine unscales the gradients itself
+    results = []
+    for attached in (True, False):
+        model_c = _model()
+        agc = torch.optim.AdamW(model_c.parameters(), lr=0.01, fused=True)
+        opt = agc if attached else clipopt.ClippedOptimizer(agc, "agc", clipping=0.01)
+        if attached:
+            clipopt.attach(agc, "agc", clipping=0.01)
+        scaler = torch.amp.GradScaler("cpu")
+        for batch in batches(3):
+            opt.zero_grad()
+            scaler.scale(loss_of(model_c, batch)).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append([p.detach() for p in model_c.parameters()])
+    for a, w in zip(*results, strict=True):
+        assert torch.equal(a, w)

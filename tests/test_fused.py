@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import clipopt
+import clipopt._apply
 from clipopt import ClippedOptimizer
 from tests.conftest import batches, loss_of
 from tests.test_optimizer import _model, _train
@@ -28,6 +29,16 @@ SCALAR = {
 }
 
 
+class _SeparatePass(clipopt.Clipper):
+    """An engine that applies every factor itself: the kernel gets no grad_scale."""
+
+    fused = False
+
+
+def _force_separate_pass(opt):
+    opt.clipper.__class__ = _SeparatePass
+
+
 @pytest.mark.parametrize("strategy", list(SCALAR))
 @pytest.mark.parametrize(("cls", "kwargs"), FUSED)
 def test_fused_equals_clip_then_step(cls, kwargs, strategy):
@@ -40,8 +51,9 @@ def test_fused_equals_clip_then_step(cls, kwargs, strategy):
     separate = ClippedOptimizer(
         cls(model_b.parameters(), lr=0.01, fused=True, **kwargs), SCALAR[strategy]()
     )
-    separate._fused_capable = lambda: False  # force the separate scaling pass
-    assert fused._fused_capable()
+    _force_separate_pass(separate)
+    assert fused.clipper.fused
+    assert fused.strategy.single_factor
     for batch in batches(8):
         for model, opt in ((model_a, fused), (model_b, separate)):
             opt.zero_grad()
@@ -139,17 +151,25 @@ class _Counter(TorchDispatchMode):
 
 
 def test_cpu_shortcut_skips_the_pass_only_on_cpu():
+    """A result that clipped nothing, with a finite statistic, changes nothing: the CPU
+    reads that for free and skips the pass; elsewhere the pass runs (no host read)."""
+    apply = clipopt._apply.Applier()
+
+    def run(grads, coef, norm):
+        inputs = clipopt.ClipInputs(grads, grads, 0)
+        result = clipopt.ClipResult(coef, coef, coef < 1, (clipopt.Scale(coef),))
+        with _Counter() as counter:
+            apply(inputs, result, norm)
+        return any("mul" in op for op in counter.ops)
+
     grads = [torch.ones(3), torch.ones(2)]
-    with _Counter() as counter:
-        clipopt.functional.scale_(grads, torch.tensor(1.0))
-    assert not any("mul" in op for op in counter.ops)
-    with _Counter() as counter:
-        clipopt.functional.scale_(grads, torch.tensor(0.5))
-    assert any("mul" in op for op in counter.ops)
+    assert not run(grads, torch.tensor(1.0), torch.tensor(2.0))
+    assert run(grads, torch.tensor(0.5), torch.tensor(2.0))
+    # a non-finite statistic (nonfinite="propagate") scales as torch would
+    assert run(grads, torch.tensor(1.0), torch.tensor(math.inf))
     meta = [torch.empty(3, device="meta")]
-    with _Counter() as counter:
-        clipopt.functional.scale_(meta, torch.ones((), device="meta"))
-    assert any("mul" in op for op in counter.ops)
+    one = torch.ones((), device="meta")
+    assert run(meta, one, one)
 
 
 # Strategies that scale by more than one factor: they clip in place, and the kernel only
@@ -161,10 +181,7 @@ PER_TENSOR = {
     "norm per tensor": lambda: clipopt.NormClip(0.1, scope="tensor"),
     "chain": lambda: clipopt.Chain(clipopt.ValueClip(0.05), clipopt.NormClip(0.1)),
 }
-# AGC refills kept buffers with copy_, which fake CUDA tensors cannot run on a CPU build;
-# its own steps are proven sync-free on meta tensors by the strategy contract suite, and
-# the wrapper's decision to let the kernel skip is the same for every strategy here.
-ON_FAKE_CUDA = {**SCALAR, **{k: v for k, v in PER_TENSOR.items() if k != "agc"}}
+ON_FAKE_CUDA = {**SCALAR, **PER_TENSOR}
 
 
 @pytest.mark.parametrize("strategy", list(ON_FAKE_CUDA))
@@ -176,7 +193,7 @@ def test_fused_skip_step_has_no_host_read_on_fake_cuda(cls, strategy):
             cls(params, lr=0.1, fused=True), ON_FAKE_CUDA[strategy](), nonfinite="skip"
         )
         # single-factor strategies hand the factor over; the others only found_inf
-        assert opt._fused_capable() == (strategy in SCALAR)
+        assert opt.strategy.single_factor == (strategy in SCALAR)
         for _ in range(3):
             for p in params:
                 p.grad = torch.empty_like(p)
@@ -191,12 +208,17 @@ def _device_path(enabled):
     On the CPU the wrapper reads the non-finite flag on the host; pretending it cannot
     exercises the accelerator path (the kernel skips) with real values.
     """
-    patch = mock.patch.object(clipopt.functional, "is_host_readable", return_value=False)
+    patch = mock.patch.object(clipopt._engine, "host_readable", return_value=False)
     spy = mock.patch.object(
         clipopt._optimizer, "hand_over", wraps=clipopt._optimizer.hand_over
     )
     with patch if enabled else contextlib.nullcontext(), spy as handed:
         yield handed
+
+
+def _handed(spy):
+    """What each step handed the kernel: (grad_scale, found_inf) per call."""
+    return [clipopt.Handover(*c.args[1:]) for c in spy.call_args_list]
 
 
 def _skip_run(cls, kwargs, factory, device_path, nan_at, bad):
@@ -222,7 +244,7 @@ def _skip_run(cls, kwargs, factory, device_path, nan_at, bad):
         # final comparison with the host's skip shows. Later, state must stay as it was.
         if before["state"]:
             _assert_same_state(before["state"], opt.optimizer.state_dict()["state"])
-        if before["strategy"]:
+        if _holds_tensors(before["strategy"]):
             _assert_same_state(before["strategy"], opt.strategy.state_dict())
         assert bool(opt.last_stats.nonfinite)
         assert opt.last_stats.coef == 0
@@ -230,7 +252,13 @@ def _skip_run(cls, kwargs, factory, device_path, nan_at, bad):
 
     with _device_path(device_path) as handed:
         _train_with_bad(model, opt, 5, bad, at=nan_at, before=snapshot, after=check)
-    return model, opt, [c.args[1] for c in handed.call_args_list]
+    return model, opt, _handed(handed)
+
+
+def _holds_tensors(state):
+    if isinstance(state, dict):
+        return any(_holds_tensors(v) for v in state.values())
+    return isinstance(state, torch.Tensor)
 
 
 def _assert_same_state(a, b):
@@ -245,7 +273,7 @@ def _assert_same_state(a, b):
 
 
 # A chain whose second member keeps state: the first may turn inf into a number, which
-# the second would record, so the host decides for it (no kernel skip).
+# the second must not record (it is told the step is skipped).
 SKIP_CASES = {
     **SCALAR,
     **PER_TENSOR,
@@ -269,18 +297,16 @@ def test_kernel_skip_equals_the_host_skip(cls, kwargs, strategy, nan_at, bad):
     for a, b in zip(device_model.parameters(), host_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     _assert_same_state(device_opt.strategy.state_dict(), host_opt.strategy.state_dict())
-    # Which steps the kernel could skip: none for the chain that records state; with
-    # fused SGD, only once its momentum buffers exist (a real step made them).
-    if strategy == "value then adagc":
-        kernel_steps = 0
-    elif cls is torch.optim.SGD:
-        kernel_steps = 5 - (2 if nan_at == 0 else 1)
-    else:
-        kernel_steps = 5
+    # Which steps the kernel could skip: with fused SGD, only once its momentum buffers
+    # exist (a real step made them). A chain whose later member keeps state skips in
+    # the kernel too: every member is told the step is skipped.
+    kernel_steps = 5 - (2 if nan_at == 0 else 1) if cls is torch.optim.SGD else 5
     assert sum(p.found_inf is not None for p in plans) == kernel_steps
     assert all(p.found_inf is None for p in host_plans)
-    if strategy in PER_TENSOR:  # they clipped in place: no factor for the kernel
+    if strategy in PER_TENSOR and strategy != "chain":  # clipped in place: no factor
         assert all(p.grad_scale is None for p in plans)
+    if strategy == "chain":  # the clamp in place, then the norm's factor to the kernel
+        assert any(p.grad_scale is not None for p in plans)
 
 
 def test_fake_cuda_catches_the_host_read_of_the_separate_path():
@@ -299,19 +325,19 @@ def test_layout_follows_param_group_changes():
     opt = ClippedOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), max_norm=1e-3)
     loss_of(model, batches(1)[0]).backward()
     opt.step()
-    first = opt._layout
+    first = opt.clipper._layout
     opt.step()
-    assert opt._layout is first  # cached while the groups do not change
+    assert opt.clipper._layout is first  # cached while the groups do not change
     opt.add_param_group({"params": model[2].parameters()})
     expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     opt.step()
-    assert opt._layout is not first
+    assert opt.clipper._layout is not first
     torch.testing.assert_close(opt.last_stats.norm, expected)  # the new group counts
     opt.optimizer.load_state_dict(opt.optimizer.state_dict())  # rebinds param_groups
-    second = opt._layout
+    second = opt.clipper._layout
     model[2].weight.grad = None  # a gradient disappears
     opt.step()
-    assert opt._layout is not second
+    assert opt.clipper._layout is not second
     expected = torch.nn.utils.get_total_norm(
         [p.grad for p in model.parameters() if p.grad is not None]
     )
@@ -373,8 +399,7 @@ def _reset_run(device_path, reset):
     initial = copy.deepcopy(opt.state_dict())
     with _device_path(device_path) as handed:
         _train_with_bad(model, opt, 5, math.nan, before=lambda: reset(opt, initial))
-    plans = [c.args[1] for c in handed.call_args_list]
-    return model, sum(p.found_inf is not None for p in plans)
+    return model, sum(p.found_inf is not None for p in _handed(handed))
 
 
 @pytest.mark.parametrize(
@@ -398,24 +423,21 @@ def test_fused_sgd_momentum_buffers_are_checked_again_after_a_reset(reset):
 class _UnguardedEma(clipopt.ClipStrategy):
     """A user's single-factor strategy that records every statistic it is given."""
 
+    single_factor = True
+
     def __init__(self) -> None:
         self.ema = torch.zeros(())
 
     def measure(self, inputs):
         return clipopt.functional.total_norm(inputs.grads)
 
-    def supports_coefficient(self):
-        return True
-
-    def clip_coefficient(self, inputs, norm):
+    def clip(self, inputs, measured, skip=None):
+        norm = measured.norm
         self.ema = 0.9 * self.ema + 0.1 * norm  # no guard: its contract allows that
         coef = clipopt.functional.clip_coef(norm, 0.3)
-        return clipopt.ClipResult(torch.full_like(norm, 0.3), coef, coef < 1)
-
-    def clip_(self, inputs, norm):
-        result = self.clip_coefficient(inputs, norm)
-        clipopt.functional.scale_(inputs.grads, result.coef)
-        return result
+        return clipopt.ClipResult(
+            torch.full_like(norm, 0.3), coef, coef < 1, (clipopt.Scale(coef),)
+        )
 
 
 def test_user_strategies_get_finite_statistics_under_skip_with_a_fused_kernel():
@@ -427,5 +449,5 @@ def test_user_strategies_get_finite_statistics_under_skip_with_a_fused_kernel():
         _train_with_bad(model, opt, 4, math.inf)
     assert torch.isfinite(strategy.ema)
     assert opt.counts()["skipped_steps"] == 1
-    assert all(c.args[1].found_inf is None for c in handed.call_args_list)
+    assert all(p.found_inf is None for p in _handed(handed))
     assert handed.call_count == 3  # the factor still goes to the kernel (grad_scale)

@@ -31,6 +31,51 @@ def test_history_records_every_step_and_matches_last_stats():
     assert len(history) == 5
 
 
+def _bad_steps(opt, model, bad_at, steps=5):
+    for i, batch in enumerate(batches(steps)):
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        if i in bad_at:
+            with torch.no_grad():
+                model[0].weight.grad[0, 0] = math.nan
+        opt.step()
+
+
+@pytest.mark.parametrize("attached", [False, True], ids=["wrapper", "attach"])
+def test_history_and_logs_keep_skipped_steps_with_the_engine_step_numbers(attached):
+    model = _model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = inner
+    front = clipopt.attach(inner, max_norm=1.0) if attached else None
+    if not attached:
+        opt = front = ClippedOptimizer(inner, max_norm=1.0)
+    history = clipopt.StatsHistory(front)
+    logged = []
+    clipopt.log_stats(front, lambda stats, step: logged.append((step, stats)), every=1)
+    _bad_steps(opt, model, bad_at=(1, 3))
+    data = history.to_dict()
+    assert history.steps == [0, 1, 2, 3, 4]  # every step, skipped ones too
+    assert data["nonfinite"] == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert data["skipped"] == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5]
+    assert [stats["clip/skipped"] for _, stats in logged] == data["skipped"]
+    assert logged[-1][1]["clip/skipped_steps"] == 2.0
+
+
+def test_history_memory_is_bounded():
+    model = _model()
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
+    history = clipopt.StatsHistory(opt, window=4, block=3)
+    _train(model, opt, batches(3))
+    assert history._pending == []  # a full block went to the host in one copy
+    _train(model, opt, batches(7))
+    assert len(history._pending) == 1  # 10 steps: 3 blocks moved, 1 row waiting
+    assert len(history) == 4
+    assert history.steps == [6, 7, 8, 9]  # the last window
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        clipopt.StatsHistory(opt, window=0)
+
+
 def test_recording_and_non_logging_steps_do_not_read_the_device():
     params = [torch.nn.Parameter(torch.empty(3, device="meta"))]
     opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), nonfinite="propagate")
@@ -59,8 +104,10 @@ def test_log_stats_to_a_callable_every_n_steps():
             "threshold",
             "coef",
             "clipped",
+            "skipped",
             "clip_rate",
             "skipped_steps",
+            "spike_steps",
             "nonfinite_steps",
         )
     }
@@ -96,7 +143,9 @@ def test_log_stats_rejects_bad_targets():
         clipopt.log_stats(opt, 3)
     with pytest.raises(ValueError, match="every must be >= 1"):
         clipopt.log_stats(opt, print, every=0)
-    with pytest.raises(TypeError, match=r"clipopt\.ClippedOptimizer"):
+    with pytest.raises(
+        TypeError, match=r"clipopt\.ClippedOptimizer or a clipopt\.Attachment"
+    ):
         clipopt.log_stats(torch.optim.SGD(_model().parameters(), lr=0.1), print)
 
 

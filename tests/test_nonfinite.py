@@ -106,6 +106,7 @@ def test_error_raises_and_changes_nothing():
         "skipped_steps": 0,
         "clipped_steps": 0,
         "nonfinite_steps": 0,
+        "spike_steps": 0,
     }
 
 

@@ -50,12 +50,13 @@ class Recording(ClipStrategy):
     def measure(self, inputs):
         return functional.total_norm(inputs.grads)
 
-    def clip_(self, inputs, norm):
+    def clip(self, inputs, measured, skip=None):
+        norm = measured.norm
         self.calls += 1
         self.seen = self.seen + torch.isfinite(norm)
         coef = functional.clip_coef(norm, self.max_norm)
-        functional.scale_(inputs.grads, coef)
-        return ClipResult(torch.full_like(norm, self.max_norm), coef, coef < 1)
+        threshold = torch.full_like(norm, self.max_norm)
+        return ClipResult(threshold, coef, coef < 1, (clipopt.Scale(coef),))
 
     def state_dict(self):
         return {"seen": self.seen.clone()}
@@ -219,6 +220,7 @@ def test_step_without_gradients_leaves_strategy_untouched():
         "skipped_steps": 0,
         "clipped_steps": 0,
         "nonfinite_steps": 0,
+        "spike_steps": 0,
     }
     assert opt.last_stats is None
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -334,10 +336,11 @@ def test_state_dict_layout_and_weights_only_load():
         "version",
         "strategy",
         "calls",
-        "schedule_step",
         "skipped_steps",
         "clipped_steps",
         "nonfinite_steps",
+        "spike_steps",
+        "overflow_steps",
     }
     buf = io.BytesIO()
     torch.save(sd, buf)
@@ -493,12 +496,14 @@ def test_repr_names_strategy_and_inner():
     assert "nonfinite='skip'" in text
 
 
-def test_sparse_gradients_raise_clearly():
+def test_sparse_gradients_where_unsupported_raise_clearly():
     emb = torch.nn.Embedding(5, 3, sparse=True)
-    opt = ClippedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1))
+    opt = ClippedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1), "agc")
     emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+    before = emb.weight.detach().clone()
+    with pytest.raises(TypeError, match="does not support sparse gradients"):
         opt.step()
+    assert torch.equal(emb.weight, before)
 
 
 # -- statistics ----------------------------------------------------------------------------
@@ -513,7 +518,7 @@ def test_last_stats_are_device_tensors_and_to_dict_floats():
         assert t.dim() == 0
     assert stats.clipped.dtype == torch.bool
     d = stats.to_dict()
-    assert set(d) == {"norm", "threshold", "coef", "clipped", "nonfinite"}
+    assert set(d) == {"norm", "threshold", "coef", "clipped", "nonfinite", "skipped"}
     assert all(type(v) is float for v in d.values())
     assert d["threshold"] == pytest.approx(1e-3)
     assert d["clipped"] == 1.0

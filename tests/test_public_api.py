@@ -27,6 +27,13 @@ EXPECTED = {
     "ClipStats",
     "ClipStrategy",
     "ClippedOptimizer",
+    "Clipper",
+    "Handover",
+    "Measurement",
+    "Scale",
+    "ScaleEach",
+    "Clamp",
+    "strategies",
     "NonfinitePolicy",
     "NormClip",
     "ValueClip",
@@ -55,8 +62,29 @@ def test_every_public_symbol_has_a_docstring():
                 for attr, member in vars(obj).items():
                     if not attr.startswith("_") and callable(member):
                         assert member.__doc__, f"{name}.{attr}"
-    for name in clipopt.functional.__all__:
-        assert getattr(clipopt.functional, name).__doc__, name
+    for module in (clipopt.functional, clipopt.strategies):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if not isinstance(obj, float):
+                assert obj.__doc__, name
+
+
+def test_functional_exports_public_kernels_only():
+    """CPU internals (norm plans, host-readable shortcuts) stay private."""
+    assert set(clipopt.functional.__all__) == {
+        "NORM_EPS",
+        "clamp_",
+        "clip_coef",
+        "finite",
+        "nonfinite_to_zero_",
+        "percentile",
+        "percentile_sorted",
+        "scale_",
+        "scale_each_",
+        "tensor_norms",
+        "total_norm",
+        "unit_norms",
+    }
 
 
 def test_every_public_class_and_function_is_in_the_api_reference():

@@ -10,9 +10,24 @@ def test_available_strategies_sorted_and_has_builtins():
     assert {"norm", "value"} <= set(names)
 
 
-def test_unknown_name_lists_available():
-    with pytest.raises(ValueError, match=r"unknown strategy 'nrom'; available: .*norm"):
+def test_unknown_name_suggests_and_lists_available():
+    with pytest.raises(
+        ValueError,
+        match=r"unknown strategy 'nrom'; did you mean 'norm'\? Available: .*norm",
+    ):
         clipopt.get_strategy("nrom")
+    with pytest.raises(ValueError, match=r"unknown strategy 'xyz'\. Available: adagc"):
+        clipopt.get_strategy("xyz")
+
+
+def test_names_are_case_insensitive_and_have_the_papers_aliases():
+    assert isinstance(clipopt.get_strategy("Norm"), clipopt.NormClip)
+    assert isinstance(clipopt.get_strategy(" NORM "), clipopt.NormClip)
+    assert isinstance(clipopt.get_strategy("autoclip"), clipopt.PercentileClip)
+    assert isinstance(clipopt.get_strategy("ZClip"), clipopt.ZScoreClip)
+    assert "autoclip" not in clipopt.available_strategies()  # names, not aliases
+    with pytest.raises(ValueError, match="did you mean 'zclip'"):
+        clipopt.get_strategy("zclp")
 
 
 def test_unknown_kwarg_names_accepted_ones():
@@ -41,10 +56,11 @@ class _Half(ClipStrategy):
     def measure(self, inputs):
         return functional.total_norm(inputs.grads)
 
-    def clip_(self, inputs, norm):
+    def clip(self, inputs, measured, skip=None):
+        norm = measured.norm
         coef = functional.clip_coef(norm, self.max_norm / 2)
-        functional.scale_(inputs.grads, coef)
-        return ClipResult(norm.new_full((), self.max_norm / 2), coef, coef < 1)
+        threshold = norm.new_full((), self.max_norm / 2)
+        return ClipResult(threshold, coef, coef < 1, (clipopt.Scale(coef),))
 
 
 def test_register_user_strategy_and_use_it_by_name():
@@ -57,8 +73,27 @@ def test_register_user_strategy_and_use_it_by_name():
     opt = clipopt.ClippedOptimizer(torch.optim.SGD([p], lr=1.0), "test-half", max_norm=2.0)
     opt.step()
     assert torch.allclose(p.detach(), torch.tensor([-0.6, -0.8]))
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match=r"already registered.*override=True"):
         clipopt.register_strategy("test-half")
+    with pytest.raises(ValueError, match="already registered"):
+        clipopt.register_strategy("TEST-HALF")  # case-insensitive
+    with pytest.raises(ValueError, match="already registered"):
+        clipopt.register_strategy("other", aliases=("autoclip",))
+
+
+def test_registering_again_with_override_replaces():
+    """A notebook cell that registers a strategy can run again."""
+
+    class _Third(_Half):
+        pass
+
+    clipopt.register_strategy("test-override")(_Half)
+    clipopt.register_strategy("test-override", override=True)(_Third)
+    assert type(clipopt.get_strategy("test-override")) is _Third
+    clipopt.register_strategy("test-override", aliases=("test-alias",), override=True)(
+        _Half
+    )
+    assert type(clipopt.get_strategy("Test-Alias")) is _Half
 
 
 def test_register_rejects_non_strategies_and_bad_names():

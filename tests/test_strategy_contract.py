@@ -20,6 +20,7 @@ from clipopt import (
     ValueClip,
     ZScoreClip,
 )
+from clipopt.strategies import clip_gradients
 from tests.conftest import batches, loss_of
 from tests.test_optimizer import _model
 
@@ -162,8 +163,9 @@ def test_nonfinite_step_leaves_state_as_if_it_never_happened(name, nonfinite):
                 return  # the parameters are NaN now, by request
         _step(model_a, opt_a, batch)
         _step(model_b, opt_b, batch)
-    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
-        assert torch.equal(a, b)
+    if name != "norm-schedule":  # a schedule counts the skipped step, as LR schedulers
+        for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+            assert torch.equal(a, b)
     _same_state(opt_a.strategy.state_dict(), opt_b.strategy.state_dict())
 
 
@@ -193,10 +195,8 @@ def test_compiles_fullgraph(name):
     params = [torch.randn(4, 3), torch.randn(3), torch.randn(4, 3)]
 
     def apply(grads, step):
-        inputs = ClipInputs(params, grads, step)
-        norm = strategy.measure(inputs)
-        result = strategy.clip_(inputs, norm)
-        return norm, result.coef
+        measured, result = clip_gradients(strategy, ClipInputs(params, grads, step))
+        return measured.norm, result.coef
 
     compiled = torch.compile(apply, fullgraph=True)
     g = torch.Generator().manual_seed(0)
@@ -204,19 +204,41 @@ def test_compiles_fullgraph(name):
         grads = [torch.randn(p.shape, generator=g) * (1 + 5 * step) for p in params]
         expected = [t.clone() for t in grads]
         norm, coef = compiled(grads, 0)
-        inputs = ClipInputs(params, expected, 0)
-        ref_norm = reference_strategy.measure(inputs)
-        ref = reference_strategy.clip_(inputs, ref_norm)
-        torch.testing.assert_close(norm, ref_norm)
+        ref_measured, ref = clip_gradients(
+            reference_strategy, ClipInputs(params, expected, 0)
+        )
+        torch.testing.assert_close(norm, ref_measured.norm)
         torch.testing.assert_close(coef, ref.coef)
         for a, b in zip(grads, expected, strict=True):
             torch.testing.assert_close(a, b)
 
 
 def test_only_torch_twins_demand_exact_norms():
-    assert clipopt.NormClip().exact_norms()
-    assert clipopt.ValueClip(1.0).exact_norms()
+    assert clipopt.NormClip().exact_norms
+    assert clipopt.ValueClip(1.0).exact_norms
     for name in ("percentile", "zscore", "adagc", "agc"):
-        assert not clipopt.get_strategy(name).exact_norms()
-    assert not clipopt.Chain("zscore", "agc").exact_norms()
-    assert clipopt.Chain("zscore", "norm").exact_norms()
+        assert not clipopt.get_strategy(name).exact_norms
+    assert not clipopt.Chain("zscore", "agc").exact_norms
+    assert clipopt.Chain("zscore", "norm").exact_norms
+
+
+def test_capabilities_are_attributes_the_engine_reads():
+    """single_factor decides GradScaler's one pass; honours_skip the kernel skip."""
+    assert clipopt.NormClip().single_factor
+    assert not clipopt.NormClip(scope="tensor").single_factor
+    assert clipopt.PercentileClip().single_factor
+    assert clipopt.ZScoreClip().single_factor
+    for name in ("value", "adagc", "agc"):
+        assert not clipopt.get_strategy(name, **_ARGS.get(name, {})).single_factor
+    assert not Chain(ValueClip(1.0), "norm").single_factor  # norm sees clamped grads
+    assert Chain("norm").single_factor
+    for name in BUILTIN_NAMES:
+        assert clipopt.get_strategy(name, **_ARGS.get(name, {})).honours_skip
+    assert not clipopt.ClipStrategy.honours_skip  # a user's strategy: the host decides
+    assert clipopt.NormClip(scope="group").group_keys == ("clipopt_max_norm",)
+    assert Chain(ValueClip(1.0, scope="group"), "norm").group_keys == (
+        "clipopt_clip_value",
+    )
+
+
+_ARGS = {"value": {"clip_value": 1.0}}

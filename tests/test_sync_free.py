@@ -60,10 +60,10 @@ def test_skip_policy_reads_the_host_once_and_says_so():
 
 def test_strategy_that_reads_the_host_is_caught():
     class Reads(clipopt.NormClip):
-        def clip_(self, inputs, norm):
-            if norm > self.max_norm:  # a host read
+        def clip(self, inputs, measured, skip=None):
+            if measured.norm > self.max_norm:  # a host read
                 pass
-            return super().clip_(inputs, norm)
+            return super().clip(inputs, measured, skip)
 
     opt = ClippedOptimizer(
         torch.optim.SGD(_meta_params(), lr=0.1), Reads(), nonfinite="propagate"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import clipopt
+import clipopt._norms
 from tests.conftest import batches, loss_of, make_model, optimizer_variants
 
 REFERENCE_CLIP = {
@@ -23,7 +24,7 @@ STRATEGIES = {
 
 
 def _deep_model(cls, dtype):
-    """Many same-shaped small tensors: the wrapper batches their norms (NormBatches)."""
+    """Many same-shaped small tensors: the wrapper batches their norms (NormPlan)."""
     bias = cls is not torch.optim.Muon
     torch.manual_seed(0)
     layers = [torch.nn.Linear(6, 5, bias=bias), torch.nn.Tanh()]
@@ -66,7 +67,7 @@ def _twin_run(cls, kwargs, strategy, dtype, steps=6, model=make_model):
             clip_b(list(model_b.parameters()))
             opt_b.step()
         for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
-            if opt_a._fused_capable():
+            if opt_a.clipper.fused and opt_a.strategy.single_factor:
                 # the fused kernel divides by 1 / coef where torch multiplies by coef
                 torch.testing.assert_close(
                     pa, pb, rtol=1e-6, atol=1e-6 * float(pb.abs().max())
@@ -92,7 +93,8 @@ def test_wrapper_equals_torch_clip_then_step(cls, kwargs, strategy, dtype):
 )
 def test_fused_path_takes_over_the_scaling_pass(cls):
     opt = _twin_run(cls, {"fused": True}, "norm", torch.float32)
-    assert opt._fused_capable()
+    assert opt.clipper.fused
+    assert opt.strategy.single_factor
     assert "grad_scale" not in vars(opt.optimizer)  # handed over for the step only
 
 
@@ -101,10 +103,9 @@ def test_fused_path_takes_over_the_scaling_pass(cls):
 def test_batched_norms_stay_bit_identical(cls, kwargs, strategy):
     """With norms batched over same-shaped tensors, still torch's bits."""
     opt = _twin_run(cls, kwargs, strategy, torch.float32, model=_deep_model)
-    layout = opt._layout
-    assert layout is not None
-    assert layout.batches is not None
-    assert layout.batches.active
+    plan = opt.clipper._layout.norm_plan(exact=True)
+    assert plan is not None
+    assert plan.active
     assert opt.counts()["clipped_steps"] >= 1
 
 
@@ -144,7 +145,7 @@ def test_exact_path_keeps_torch_bits_with_large_tensors():
     opt = clipopt.ClippedOptimizer(torch.optim.AdamW(model.parameters()), "norm")
     ref = _one_step(opt, model)
     assert torch.equal(opt.last_stats.norm, ref)
-    assert opt._layout.fast is not None  # available, but not for this strategy
+    assert opt.clipper._layout.norm_plan(exact=False) is not None  # not for this one
 
 
 @pytest.mark.parametrize(
@@ -155,14 +156,14 @@ def test_fast_norms_where_bits_are_not_promised(strategy, fused):
     inner = torch.optim.AdamW(model.parameters(), fused=fused)
     opt = clipopt.ClippedOptimizer(inner, strategy)
     seen = []
-    original = clipopt.functional.NormBatches.norms
+    original = clipopt._norms.NormPlan.norms
 
     def spy(self, *args):
         seen.append(self.exact)
         return original(self, *args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(clipopt.functional.NormBatches, "norms", spy)
+        mp.setattr(clipopt._norms.NormPlan, "norms", spy)
         ref = _one_step(opt, model)
     assert seen
     assert not any(seen)  # the dot-product plan

@@ -1,0 +1,551 @@
+"""The clipping engine: everything that happens to the gradients before a step.
+
+One :class:`Clipper` serves one optimizer, for both front-ends
+(:class:`clipopt.ClippedOptimizer` and :func:`clipopt.attach`). At each step it
+
+1. collects the parameters that have gradients (:mod:`clipopt._layout`), unscaling
+   GradScaler's (or a user's) ``grad_scale`` first unless the strategy measures scaled
+   gradients exactly (a single factor);
+2. lets the strategy measure them, and applies the non-finite policy;
+3. decides whether the step is skipped: on the host (one read of a 0-dim tensor), or,
+   with a fused optimizer on an accelerator, in the kernel (``found_inf``, no read);
+4. lets the strategy decide its factors and applies them (:mod:`clipopt._apply`), or
+   hands a single factor to the fused kernel as ``grad_scale``;
+5. counts, and publishes the step's :class:`clipopt.ClipStats` to its hooks.
+
+It decides everything before it changes anything: a step that raises or is skipped on
+the host leaves gradients, parameters and every state untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple, cast
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from . import _distributed as D
+from . import functional as F
+from ._apply import Applier, as_measurement, host_readable
+from ._layout import Layout, Selection
+from ._protocol import ClipInputs, ClipResult, ClipStats, ClipStrategy, Measurement, Scale
+from ._registry import get_strategy
+from ._torch_private import fused_kernel, kernel_skip_is_safe
+
+__all__ = ["STATE_KEY", "Clipper", "Handover", "NonfinitePolicy"]
+
+NonfinitePolicy = Literal["skip", "error", "zero", "propagate"]
+POLICIES: tuple[str, ...] = ("skip", "error", "zero", "propagate")
+
+#: Top-level key of an optimizer's ``state_dict()`` that holds clipopt's own state.
+STATE_KEY = "clipopt"
+_STATE_VERSION = 2
+#: The device-side counters, in the order of the engine's counts tensor.
+_COUNTERS = (
+    "skipped_steps",
+    "clipped_steps",
+    "nonfinite_steps",
+    "spike_steps",
+    "overflow_steps",
+)
+
+
+class Handover(NamedTuple):
+    """What a fused optimizer's kernel receives for the step (None: nothing)."""
+
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+
+
+def build_strategy(strategy: str | ClipStrategy, kwargs: Mapping[str, Any]) -> ClipStrategy:
+    """A strategy from a registered name (with keyword arguments) or an object.
+
+    Raises:
+        TypeError: Neither a name nor a strategy, or keyword arguments with an object.
+        ValueError: An unknown name.
+    """
+    if isinstance(strategy, str):
+        return get_strategy(strategy, **kwargs)
+    if not isinstance(strategy, ClipStrategy):
+        raise TypeError(
+            "strategy must be a registered name or a clipopt.ClipStrategy, "
+            f"got {strategy!r}"
+        )
+    if kwargs:
+        raise TypeError(
+            f"strategy keyword arguments ({', '.join(sorted(kwargs))}) are only "
+            f"accepted with a strategy name, got the strategy object {strategy!r}"
+        )
+    return strategy
+
+
+class Clipper:
+    """The clipping step for one optimizer (see the module docs).
+
+    Made by the front-ends; reach it as ``ClippedOptimizer.clipper`` or
+    ``Attachment.clipper``.
+
+    Args:
+        optimizer: The optimizer whose gradients are clipped.
+        strategy: A strategy object or a registered name.
+        nonfinite: ``"skip"``, ``"error"``, ``"zero"`` or ``"propagate"``.
+        process_group: The group over which plain-tensor gradients are shards, a 1-D
+            ``DeviceMesh``, or None.
+        strategy_kwargs: The strategy's parameters, when ``strategy`` is a name.
+
+    Raises:
+        TypeError, ValueError: As :class:`clipopt.ClippedOptimizer`.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        strategy: str | ClipStrategy,
+        *,
+        nonfinite: NonfinitePolicy = "skip",
+        process_group: Any = None,
+        strategy_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.strategy = build_strategy(strategy, strategy_kwargs or {})
+        if not isinstance(nonfinite, str) or nonfinite not in POLICIES:
+            raise ValueError(
+                f"nonfinite must be one of {', '.join(map(repr, POLICIES))}, "
+                f"got {nonfinite!r}"
+            )
+        self.optimizer = optimizer
+        self.nonfinite: NonfinitePolicy = nonfinite
+        self._group = D.SharedGroup(D.as_group(process_group))
+        #: The :class:`clipopt.ClipStats` of the last step that had gradients, or None.
+        self.last_stats: ClipStats | None = None
+        self._layout: Layout | None = None
+        self._applier = Applier()
+        self._hooks: OrderedDict[int, Callable[[ClipStats, int], None]] = OrderedDict()
+        self._no_grad_steps = 0
+        self._reset_counters()
+
+    @property
+    def process_group(self) -> Any:
+        """The process group over which plain-tensor gradients are sharded, or None."""
+        return self._group.value
+
+    @property
+    def fused(self) -> bool:
+        """Whether the optimizer's kernel takes ``grad_scale`` and ``found_inf``."""
+        return fused_kernel(self.optimizer)
+
+    # -- the step ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def clip(
+        self, grad_scale: Tensor | None = None, found_inf: Tensor | None = None
+    ) -> Handover | None:
+        """Clip this step's gradients; return what the kernel gets, or None to skip.
+
+        Args:
+            grad_scale: The ``grad_scale`` set on the optimizer (GradScaler, or a user
+                following torch's fused protocol): the gradients are scaled by it.
+            found_inf: The ``found_inf`` set with it: nonzero skips the step.
+
+        Returns:
+            None when the step must be skipped (decided on the host); else the
+            ``grad_scale`` and ``found_inf`` for the optimizer's kernel (both None for a
+            plain optimizer).
+
+        Raises:
+            RuntimeError: Non-finite gradients under ``nonfinite="error"``.
+        """
+        fused = self.fused
+        if not fused:  # a plain optimizer ignores them, and so does clipping
+            grad_scale = found_inf = None
+        strategy = self.strategy
+        inputs = self._inputs(exact=strategy.exact_norms and not fused)
+        if inputs is None:
+            self._warn_no_gradients()
+            return Handover(grad_scale, found_inf)
+        scale = None if grad_scale is None else grad_scale.reshape(())
+        one_pass = scale is not None and strategy.single_factor
+        if scale is not None and not one_pass:
+            # The gradients are scaled; unscale them as the kernel would (a division),
+            # so that the strategy sees true gradients, and hand it no grad_scale.
+            _unscale_(list(inputs.grads), scale)
+        measured, nonfinite = self._measure(inputs)
+        norm = measured.norm
+        if one_pass:
+            assert scale is not None
+            norm = norm / scale.to(norm.device, norm.dtype)
+            measured = measured._replace(norm=norm)
+            nonfinite = torch.logical_not(F.finite(norm))
+        overflow = None if found_inf is None else found_inf.reshape(()).to(norm.device) > 0
+        step = self._calls
+        skip: Tensor | None = None
+        if self._kernel_decides(fused, inputs, norm):
+            skip = nonfinite if self.nonfinite == "skip" else None
+            if overflow is not None:
+                skip = overflow if skip is None else skip | overflow
+        elif self.nonfinite in ("skip", "error") or overflow is not None:
+            reason = self._host_decision(norm, nonfinite, overflow)
+            if reason is not None:
+                self._record_host_skip(step, measured.norm, nonfinite, reason)
+                return None
+        result = strategy.clip(inputs, measured, skip if strategy.honours_skip else None)
+        handover = self._apply(inputs, result, norm, fused, scale if one_pass else None)
+        found = None if skip is None else skip.to(torch.float32)
+        self._record(step, norm, result, nonfinite, skip, overflow)
+        return Handover(handover, found)
+
+    def _kernel_decides(self, fused: bool, inputs: ClipInputs, norm: Tensor) -> bool:
+        """Whether a fused kernel skips the step (``found_inf``) instead of the host.
+
+        Only on an accelerator (on the CPU the read is free, and cheaper than the
+        kernel's bookkeeping), for strategies that leave their state alone on a skipped
+        step, and once the optimizer's state survives a skipped kernel step.
+        """
+        return (
+            fused
+            and self.nonfinite != "error"
+            and self.strategy.honours_skip
+            and not host_readable(norm)
+            and kernel_skip_is_safe(self.optimizer, inputs.params, inputs.group_index)
+        )
+
+    def _host_decision(
+        self, norm: Tensor, nonfinite: Tensor, overflow: Tensor | None
+    ) -> str | None:
+        """Read the flags once; return why the step is skipped, or None.
+
+        Raises:
+            RuntimeError: Non-finite gradients under ``"error"`` (not an overflow that
+                GradScaler handles).
+        """
+        if overflow is None:
+            bad, over = bool(nonfinite), False
+        else:
+            bad, over = (bool(v) for v in torch.stack([nonfinite, overflow]).tolist())
+        if over:
+            return "overflow"  # GradScaler's business: it backs off, never an error
+        if bad and self.nonfinite == "error":
+            raise RuntimeError(
+                f"non-finite gradients: the pre-clip statistic of {self.strategy!r} is "
+                f"{float(norm)}; nothing was changed (nonfinite='error')"
+            )
+        if bad and self.nonfinite == "skip":
+            return "nonfinite"
+        return None
+
+    def _measure(self, inputs: ClipInputs) -> tuple[Measurement, Tensor]:
+        """The strategy's measurement, after the ``"zero"`` policy cleaned the gradients.
+
+        Returns the measurement and whether the raw gradients were non-finite.
+        """
+        measured = as_measurement(self.strategy.measure(inputs))
+        nonfinite = torch.logical_not(F.finite(measured.norm))
+        if self.nonfinite == "zero" and not (
+            host_readable(nonfinite) and not bool(nonfinite)
+        ):
+            # The cleaned gradients' statistic needs a second measurement. On the CPU
+            # the flag is read for free and this happens only on a non-finite step; on
+            # an accelerator, without a host read, it happens every step.
+            F.nonfinite_to_zero_(inputs.grads)
+            measured = as_measurement(self.strategy.measure(inputs))
+        return measured, nonfinite
+
+    def _apply(
+        self,
+        inputs: ClipInputs,
+        result: ClipResult,
+        norm: Tensor,
+        fused: bool,
+        scale: Tensor | None,
+    ) -> Tensor | None:
+        """Apply the factors, or return the ``grad_scale`` that makes the kernel do it.
+
+        ``scale``: the gradients are still scaled by it (GradScaler's one pass).
+        """
+        factors = result.factors
+        if fused and len(factors) <= 1 and all(isinstance(f, Scale) for f in factors):
+            coef = cast(Scale, factors[0]).factor if factors else None
+            if coef is None or (host_readable(coef) and bool(coef == 1.0)):
+                # nothing to scale; on the CPU, no grad_scale means the kernel does not
+                # write the gradients back either
+                return scale
+            inverse = (1.0 / coef).to(inputs.grads[0].device, torch.float32)
+            return inverse if scale is None else inverse * scale.to(inverse)
+        self._applier(inputs, result, norm)
+        return None
+
+    # -- gradients -----------------------------------------------------------------------
+
+    def _current(self) -> Layout:
+        groups = self.optimizer.param_groups
+        layout = self._layout
+        if layout is None or not layout.matches(groups):
+            layout = self._layout = Layout(groups)
+            self._check_group_keys(layout)
+        return layout
+
+    def _check_group_keys(self, layout: Layout) -> None:
+        """A ``clipopt_*`` group key the strategy does not read is a silent mistake."""
+        known = set(self.strategy.group_keys)
+        for g, group in enumerate(layout.groups):
+            for key in group:
+                if isinstance(key, str) and key.startswith("clipopt_") and key not in known:
+                    hint = (
+                        " (pass scope='group' to clip each group to its own threshold)"
+                        if key in ("clipopt_max_norm", "clipopt_clip_value")
+                        else ""
+                    )
+                    raise ValueError(
+                        f"param_groups[{g}] has the key {key!r}, which "
+                        f"{self.strategy!r} does not read{hint}; remove the key or "
+                        f"use a strategy that reads it (it reads: "
+                        f"{', '.join(known) or 'no group keys'})"
+                    )
+
+    def _inputs(self, exact: bool) -> ClipInputs | None:
+        """This step's :class:`ClipInputs`; None if no parameter has a gradient."""
+        layout = self._current()
+        grads = [p.grad for p in layout.params]
+        missing = tuple(i for i, g in enumerate(grads) if g is None)
+        if len(missing) == len(grads):
+            return None
+        selection = layout.select(missing)
+        present = cast(
+            list[Tensor], grads if not missing else [grads[i] for i in selection.indices]
+        )
+        sparse = [i for i, g in enumerate(present) if g.is_sparse]
+        if sparse:
+            present = self._sparse_values(selection, present, sparse)
+        args = (
+            selection.params,
+            present,
+            self._calls,
+            selection.indices,
+            len(grads),
+            selection.group_index,
+            layout.groups,
+            selection.names,
+            layout.uniform,
+            self._group.value,
+            None if sparse else selection.norm_plan(exact),
+        )
+        if not selection.planned:  # the strategy plans once per selection
+            selection.plan = self.strategy.plan(ClipInputs(*args))
+            selection.planned = True
+        return ClipInputs(*args, plan=selection.plan, apply=self._applier)
+
+    def _sparse_values(
+        self, selection: Selection, grads: list[Tensor], sparse: list[int]
+    ) -> list[Tensor]:
+        """Sparse COO gradients coalesced in place; their values stand for them.
+
+        Raises:
+            TypeError: The strategy does not support sparse gradients.
+        """
+        if not self.strategy.sparse_gradients:
+            shape = tuple(selection.params[sparse[0]].shape)
+            raise TypeError(
+                f"{self.strategy!r} does not support sparse gradients (a parameter of "
+                f"shape {shape} has one, e.g. from nn.Embedding(sparse=True)); use "
+                "'norm', 'value', 'percentile', 'zscore' or 'adagc', or dense gradients"
+            )
+        out = list(grads)
+        for i in sparse:
+            param = selection.params[i]
+            grad = grads[i]
+            if not grad.is_coalesced():
+                grad = param.grad = grad.coalesce()
+            out[i] = grad._values()
+        return out
+
+    def _warn_no_gradients(self) -> None:
+        """Warn at the 1st, 10th, 100th, ... step without gradients (rate-limited)."""
+        self._no_grad_steps += 1
+        count = self._no_grad_steps
+        if math.log10(count).is_integer():
+            warnings.warn(
+                f"step() found no gradients ({count} time(s) so far): call backward() "
+                "before step(), or check that the parameters require gradients",
+                UserWarning,
+                stacklevel=5,
+            )
+
+    # -- counting and statistics ---------------------------------------------------------
+    # Calls are counted on the host; the rest in one small device tensor, so counting
+    # never reads the device.
+
+    def _reset_counters(self) -> None:
+        self._calls = 0
+        self._counts = torch.zeros(len(_COUNTERS), dtype=torch.int64)
+
+    def _add_counts(self, flags: list[Tensor]) -> None:
+        device = flags[0].device
+        if self._counts.device != device:
+            self._counts = self._counts.to(device)
+        self._counts = self._counts + torch.stack([f.to(device) for f in flags])
+
+    def _record_host_skip(
+        self, step: int, norm: Tensor, nonfinite: Tensor, reason: str
+    ) -> None:
+        no = torch.zeros_like(nonfinite)
+        yes = torch.ones_like(nonfinite)
+        overflow = reason == "overflow"
+        counted_nonfinite = no if overflow else nonfinite
+        self._add_counts(
+            [
+                yes if reason == "nonfinite" else no,
+                no,
+                counted_nonfinite,
+                yes if reason == "spike" else no,
+                yes if overflow else no,
+            ]
+        )
+        nan = torch.full_like(norm, math.nan)
+        self._publish(
+            step, ClipStats(norm, nan, torch.zeros_like(norm), no, nonfinite, yes)
+        )
+
+    def _record(
+        self,
+        step: int,
+        norm: Tensor,
+        result: ClipResult,
+        nonfinite: Tensor,
+        skip: Tensor | None,
+        overflow: Tensor | None,
+    ) -> None:
+        threshold, coef, clipped = result.threshold, result.coef, result.clipped
+        clipped = clipped.to(nonfinite.device)
+        no = torch.zeros_like(nonfinite)
+        counted_nonfinite = nonfinite
+        if skip is None:
+            skipped = no
+            flags = [no, clipped, nonfinite, no, no]
+        else:
+            threshold = torch.where(skip, torch.full_like(threshold, math.nan), threshold)
+            coef = torch.where(skip, torch.zeros_like(coef), coef)
+            clipped = clipped & torch.logical_not(skip)
+            over = no if overflow is None else overflow
+            counted_nonfinite = nonfinite & torch.logical_not(over)
+            own = skip & torch.logical_not(over)  # skipped by the policy, not the scaler
+            flags = [own & nonfinite, clipped, counted_nonfinite, no, over]
+            skipped = skip
+        self._add_counts(flags)
+        self._publish(step, ClipStats(norm, threshold, coef, clipped, nonfinite, skipped))
+
+    def _publish(self, step: int, stats: ClipStats) -> None:
+        self._calls = step + 1
+        self.last_stats = stats
+        for hook in list(self._hooks.values()):
+            hook(stats, step)
+
+    def count_skip(self, stats: ClipStats | None) -> None:
+        """Count one step skipped for non-finite gradients, with its statistics.
+
+        For a closure step undone from a snapshot (the snapshot restored the counts).
+        """
+        self._calls += 1
+        self._counts = self._counts + torch.tensor(
+            [1, 0, 1, 0, 0], dtype=torch.int64, device=self._counts.device
+        )
+        self.last_stats = stats
+
+    def add_stats_hook(self, hook: Callable[[ClipStats, int], None]) -> RemovableHandle:
+        """Call ``hook(stats, step)`` after every step that had gradients.
+
+        Skipped steps included; ``step`` counts the steps with gradients from 0, as
+        ``ClipInputs.step`` does. Returns a handle whose ``remove()`` unregisters it.
+        """
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
+
+    def counts(self) -> dict[str, int]:
+        """The running counts as plain ints (reads the device once).
+
+        ``steps`` counts the steps that were applied, ``skipped_steps`` those skipped for
+        non-finite gradients, ``spike_steps`` those skipped as spikes, ``clipped_steps``
+        the applied steps where clipping changed the gradients and ``nonfinite_steps``
+        those whose gradients were non-finite (skipped or not; a GradScaler overflow is
+        the scaler's, and not counted). The clip rate is ``clipped_steps / steps``.
+        """
+        values = dict(zip(_COUNTERS, (int(v) for v in self._counts.tolist()), strict=True))
+        applied = (
+            self._calls
+            - values["skipped_steps"]
+            - values["spike_steps"]
+            - values.pop("overflow_steps")
+        )
+        return {"steps": applied, **values}
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Clipopt's own state: the strategy's state and the counts (weights_only-safe)."""
+        counters = dict(zip(_COUNTERS, self._counts.clone().unbind(), strict=True))
+        return {
+            "version": _STATE_VERSION,
+            "strategy": self.strategy.state_dict(),
+            "calls": self._calls,
+            **counters,
+        }
+
+    def check_state_dict(self, state: Any) -> None:
+        """Raise ``ValueError`` if ``state`` would not load; change and copy nothing."""
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"state_dict[{STATE_KEY!r}] must be a mapping, got {type(state).__name__}"
+            )
+        version = state.get("version")
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(
+                f"state_dict[{STATE_KEY!r}] has version {version!r}; this clipopt reads "
+                f"versions 1 and {_STATE_VERSION}"
+            )
+        needed = ("strategy", "calls", *(_COUNTERS[:3] if version == 1 else _COUNTERS))
+        missing = [k for k in needed if k not in state]
+        if missing:
+            raise ValueError(f"state_dict[{STATE_KEY!r}] lacks {', '.join(missing)}")
+        self.strategy.check_state_dict(state["strategy"])
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s result (version 1 too); check it all first.
+
+        Raises:
+            ValueError: The state does not fit this engine's strategy.
+        """
+        self.check_state_dict(state)
+        self.strategy.load_state_dict(state["strategy"])
+        self._calls = int(state["calls"])
+        counts = [
+            torch.as_tensor(state.get(k, 0)).to(torch.int64).reshape(()) for k in _COUNTERS
+        ]
+        self._counts = torch.stack(counts).clone()
+        self.last_stats = None
+
+    def reset(self) -> None:
+        """Forget the strategy's state and the counts."""
+        self.strategy.reset()
+        self._reset_counters()
+        self.last_stats = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        state.update(_layout=None, _hooks=OrderedDict())  # hooks belong to their owners
+        return state
+
+
+def _unscale_(grads: list[Tensor], scale: Tensor) -> None:
+    """Divide the gradients by ``scale`` in place, as a fused kernel's ``grad_scale``."""
+    for device, members, _ in _group(grads):
+        torch._foreach_div_(members, scale.to(device))
+
+
+def _group(grads: list[Tensor]) -> Any:
+    from ._torch_private import group_by_device_and_dtype
+
+    return group_by_device_and_dtype(D.locals_of(grads))

@@ -1,0 +1,156 @@
+"""``"percentile"`` (AutoClip): clip to a percentile of the recent gradient norms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from .._protocol import ClipInputs, ClipResult, Measurement, Scale
+from .._registry import register_strategy
+from .._validation import check_bool, check_foreach, check_int, check_norm_type, check_range
+from ._common import TensorState, check_shape, recordable, state_dtype, total_norm_of
+
+__all__ = ["PercentileClip"]
+
+
+@register_strategy("percentile", aliases=("autoclip",))
+class PercentileClip(TensorState):
+    r"""AutoClip: clip to a percentile of the recent gradient norms.
+
+    .. math::
+
+        \eta_t = \operatorname{percentile}_p\left(\lVert g_{t-w+1}\rVert, \dots,
+        \lVert g_t \rVert\right), \qquad
+        g \leftarrow g \cdot \min\left(1, \frac{\eta_t}{\lVert g_t \rVert + 10^{-6}}\right)
+
+    The history is a fixed-size ring buffer of the last ``window`` pre-clip total norms,
+    and the percentile interpolates linearly, as ``numpy.percentile``. While the history
+    fits the window this is the paper's algorithm step for step. Non-finite and zero
+    norms are not recorded. The window is also kept sorted, updated by one eviction and
+    one insertion per step (a few elementwise passes over the window, no sort).
+
+    Args:
+        percentile: p in ``[0, 100]``. The paper's recommendation is 10: about 90% of
+            the steps are clipped, which stabilises training like a smaller LR on spikes.
+        window: Number of recent norms kept (the paper keeps all of them).
+        include_current: Whether this step's norm is in the history the percentile is
+            taken over, as in the paper (True). False follows the ``autoclip`` package:
+            the threshold comes from past steps only, and the first step is not clipped.
+        norm_type: p of the norm.
+        foreach: ``None`` uses the foreach kernels where the device supports them.
+
+    References:
+        Seetharaman, Wichern, Pardo, Le Roux, "AutoClip: Adaptive Gradient Clipping for
+        Source Separation Networks", MLSP 2020.
+
+    Example:
+        >>> import torch, clipopt
+        >>> strategy = clipopt.PercentileClip(percentile=10, window=1000)
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = clipopt.ClippedOptimizer(torch.optim.SGD([p], lr=1.0), strategy)
+        >>> for norm in [1.0, 2.0, 0.5, 4.0]:
+        ...     p.grad = torch.tensor([norm])
+        ...     opt.step()
+        >>> round(float(opt.last_stats.threshold), 4)  # np.percentile([1, 2, .5, 4], 10)
+        0.65
+    """
+
+    single_factor = True
+
+    def __init__(
+        self,
+        percentile: float = 10.0,
+        window: int = 1000,
+        *,
+        include_current: bool = True,
+        norm_type: float = 2.0,
+        foreach: bool | None = None,
+    ) -> None:
+        self.percentile = check_range("percentile", percentile, 0.0, 100.0)
+        self.window = check_int("window", window, minimum=1)
+        self.include_current = check_bool("include_current", include_current)
+        self.norm_type = check_norm_type(norm_type)
+        self.foreach = check_foreach(foreach)
+        self._sorted: Tensor | None = None
+
+    def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
+        return {
+            "history": torch.full(
+                (self.window,), math.nan, dtype=state_dtype(norm), device=norm.device
+            ),
+            "count": torch.zeros((), dtype=torch.int64, device=norm.device),
+        }
+
+    def _check_state(self, state: Mapping[str, Tensor]) -> None:
+        check_shape("PercentileClip", "history", state["history"], (self.window,))
+        check_shape("PercentileClip", "count", state["count"], ())
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore state saved by :meth:`state_dict`; ``{}`` resets."""
+        super().load_state_dict(state_dict)
+        self._sorted = None
+
+    def reset(self) -> None:
+        """Forget all state."""
+        super().reset()
+        self._sorted = None
+
+    def measure(self, inputs: ClipInputs) -> Measurement:
+        """Return the total ``norm_type``-norm of the gradients."""
+        return Measurement(total_norm_of(inputs, self.norm_type, self.foreach))
+
+    def _window_sorted(self, history: Tensor) -> Tensor:
+        """The window in ascending order, empty slots (NaN in history) last as inf.
+
+        Derived from the history by one sort after a load, a reset or a device move;
+        then kept up to date step by step.
+        """
+        ordered = self._sorted
+        if ordered is None or ordered.device != history.device:
+            ordered = torch.sort(history.nan_to_num(nan=math.inf)).values
+        return ordered
+
+    def clip(
+        self, inputs: ClipInputs, measured: Measurement, skip: Tensor | None = None
+    ) -> ClipResult:
+        """Record the norm, then clip to the percentile of the window."""
+        norm = measured.norm
+        state = self._state_on(norm)
+        history, count = state["history"], state["count"]
+        ordered = self._window_sorted(history)
+        record = recordable(norm, skip)
+        n = norm.to(history.dtype)
+        slots = torch.arange(self.window, device=norm.device)
+        slot = torch.remainder(count, self.window)
+        evicted = history.gather(0, slot.reshape(1)).nan_to_num(nan=math.inf)
+        inf = ordered.new_full((), math.inf)
+        last = self.window - 1
+        # Evict the value the ring overwrites (an inf while the window fills): the rank of
+        # a value in the sorted window is the count of smaller entries, and the entries
+        # after it shift one rank down (gathers, which every device runs) ...
+        at = (ordered < evicted).sum()
+        left = ordered.gather(0, (slots + 1).clamp(max=last))
+        shrunk = torch.where(slots >= at, torch.where(slots == last, inf, left), ordered)
+        # ... then insert the new norm at its rank, the entries after it one rank up.
+        at = (shrunk < n).sum()
+        right = shrunk.gather(0, (slots - 1).clamp(min=0))
+        grown = torch.where(slots < at, shrunk, torch.where(slots == at, n, right))
+        new_ordered = torch.where(record, grown, ordered)
+        new_count = count + record.to(count.dtype)
+        if self.include_current:
+            window, valid = new_ordered, new_count
+        else:
+            window, valid = ordered, count
+        threshold = F.percentile_sorted(
+            window, valid.clamp(max=self.window), self.percentile
+        ).to(norm.dtype)
+        state["history"] = torch.where((slots == slot) & record, n, history)
+        state["count"] = new_count
+        self._sorted = new_ordered
+        coef = F.clip_coef(norm, threshold)
+        return ClipResult(threshold, coef, coef < 1.0, (Scale(coef),))
