@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple, cast
 
@@ -32,7 +31,8 @@ from torch.utils.hooks import RemovableHandle
 from . import _distributed as D
 from . import functional as F
 from ._apply import Applier, as_measurement, host_readable
-from ._layout import Layout, Selection
+from ._counters import COUNTERS, Counters
+from ._layout import Gradients
 from ._protocol import ClipInputs, ClipResult, ClipStats, ClipStrategy, Measurement, Scale
 from ._registry import get_strategy
 from ._torch_private import fused_kernel, kernel_skip_is_safe
@@ -45,14 +45,6 @@ POLICIES: tuple[str, ...] = ("skip", "error", "zero", "propagate")
 #: Top-level key of an optimizer's ``state_dict()`` that holds clipopt's own state.
 STATE_KEY = "clipopt"
 _STATE_VERSION = 2
-#: The device-side counters, in the order of the engine's counts tensor.
-_COUNTERS = (
-    "skipped_steps",
-    "clipped_steps",
-    "nonfinite_steps",
-    "spike_steps",
-    "overflow_steps",
-)
 
 
 class Handover(NamedTuple):
@@ -120,13 +112,10 @@ class Clipper:
         self.optimizer = optimizer
         self.nonfinite: NonfinitePolicy = nonfinite
         self._group = D.SharedGroup(D.as_group(process_group))
-        #: The :class:`clipopt.ClipStats` of the last step that had gradients, or None.
-        self.last_stats: ClipStats | None = None
-        self._layout: Layout | None = None
         self._applier = Applier()
-        self._hooks: OrderedDict[int, Callable[[ClipStats, int], None]] = OrderedDict()
+        self._gradients = Gradients(self.strategy, self._group.value, self._applier)
+        self._counters = Counters()
         self._no_grad_steps = 0
-        self._reset_counters()
 
     @property
     def process_group(self) -> Any:
@@ -163,7 +152,11 @@ class Clipper:
         if not fused:  # a plain optimizer ignores them, and so does clipping
             grad_scale = found_inf = None
         strategy = self.strategy
-        inputs = self._inputs(exact=strategy.exact_norms and not fused)
+        inputs = self._gradients.inputs(
+            self.optimizer.param_groups,
+            self._counters.calls,
+            exact=strategy.exact_norms and not fused,
+        )
         if inputs is None:
             self._warn_no_gradients()
             return Handover(grad_scale, found_inf)
@@ -181,7 +174,7 @@ class Clipper:
             measured = measured._replace(norm=norm)
             nonfinite = torch.logical_not(F.finite(norm))
         overflow = None if found_inf is None else found_inf.reshape(()).to(norm.device) > 0
-        step = self._calls
+        step = self._counters.calls
         skip: Tensor | None = None
         if self._kernel_decides(fused, inputs, norm):
             skip = nonfinite if self.nonfinite == "skip" else None
@@ -190,12 +183,12 @@ class Clipper:
         elif self.nonfinite in ("skip", "error") or overflow is not None:
             reason = self._host_decision(norm, nonfinite, overflow)
             if reason is not None:
-                self._record_host_skip(step, measured.norm, nonfinite, reason)
+                self._counters.skipped_on_host(step, measured.norm, nonfinite, reason)
                 return None
         result = strategy.clip(inputs, measured, skip if strategy.honours_skip else None)
         handover = self._apply(inputs, result, norm, fused, scale if one_pass else None)
         found = None if skip is None else skip.to(torch.float32)
-        self._record(step, norm, result, nonfinite, skip, overflow)
+        self._counters.stepped(step, norm, result, nonfinite, skip, overflow)
         return Handover(handover, found)
 
     def _kernel_decides(self, fused: bool, inputs: ClipInputs, norm: Tensor) -> bool:
@@ -278,90 +271,6 @@ class Clipper:
         self._applier(inputs, result, norm)
         return None
 
-    # -- gradients -----------------------------------------------------------------------
-
-    def _current(self) -> Layout:
-        groups = self.optimizer.param_groups
-        layout = self._layout
-        if layout is None or not layout.matches(groups):
-            layout = self._layout = Layout(groups)
-            self._check_group_keys(layout)
-        return layout
-
-    def _check_group_keys(self, layout: Layout) -> None:
-        """A ``clipopt_*`` group key the strategy does not read is a silent mistake."""
-        known = set(self.strategy.group_keys)
-        for g, group in enumerate(layout.groups):
-            for key in group:
-                if isinstance(key, str) and key.startswith("clipopt_") and key not in known:
-                    hint = (
-                        " (pass scope='group' to clip each group to its own threshold)"
-                        if key in ("clipopt_max_norm", "clipopt_clip_value")
-                        else ""
-                    )
-                    raise ValueError(
-                        f"param_groups[{g}] has the key {key!r}, which "
-                        f"{self.strategy!r} does not read{hint}; remove the key or "
-                        f"use a strategy that reads it (it reads: "
-                        f"{', '.join(known) or 'no group keys'})"
-                    )
-
-    def _inputs(self, exact: bool) -> ClipInputs | None:
-        """This step's :class:`ClipInputs`; None if no parameter has a gradient."""
-        layout = self._current()
-        grads = [p.grad for p in layout.params]
-        missing = tuple(i for i, g in enumerate(grads) if g is None)
-        if len(missing) == len(grads):
-            return None
-        selection = layout.select(missing)
-        present = cast(
-            list[Tensor], grads if not missing else [grads[i] for i in selection.indices]
-        )
-        sparse = [i for i, g in enumerate(present) if g.is_sparse]
-        if sparse:
-            present = self._sparse_values(selection, present, sparse)
-        args = (
-            selection.params,
-            present,
-            self._calls,
-            selection.indices,
-            len(grads),
-            selection.group_index,
-            layout.groups,
-            selection.names,
-            layout.uniform,
-            self._group.value,
-            None if sparse else selection.norm_plan(exact),
-        )
-        if not selection.planned:  # the strategy plans once per selection
-            selection.plan = self.strategy.plan(ClipInputs(*args))
-            selection.planned = True
-        return ClipInputs(*args, plan=selection.plan, apply=self._applier)
-
-    def _sparse_values(
-        self, selection: Selection, grads: list[Tensor], sparse: list[int]
-    ) -> list[Tensor]:
-        """Sparse COO gradients coalesced in place; their values stand for them.
-
-        Raises:
-            TypeError: The strategy does not support sparse gradients.
-        """
-        if not self.strategy.sparse_gradients:
-            shape = tuple(selection.params[sparse[0]].shape)
-            raise TypeError(
-                f"{self.strategy!r} does not support sparse gradients (a parameter of "
-                f"shape {shape} has one, e.g. from nn.Embedding(sparse=True)); use "
-                "'norm', 'value', 'percentile', 'zscore' or 'adagc', or dense gradients"
-            )
-        out = list(grads)
-        for i in sparse:
-            param = selection.params[i]
-            grad = grads[i]
-            if not grad.is_coalesced():
-                grad = param.grad = grad.coalesce()
-            out[i] = grad._values()
-        return out
-
     def _warn_no_gradients(self) -> None:
         """Warn at the 1st, 10th, 100th, ... step without gradients (rate-limited)."""
         self._no_grad_steps += 1
@@ -374,85 +283,23 @@ class Clipper:
                 stacklevel=5,
             )
 
-    # -- counting and statistics ---------------------------------------------------------
-    # Calls are counted on the host; the rest in one small device tensor, so counting
-    # never reads the device.
+    # -- counts, statistics, state ---------------------------------------------------
 
-    def _reset_counters(self) -> None:
-        self._calls = 0
-        self._counts = torch.zeros(len(_COUNTERS), dtype=torch.int64)
+    @property
+    def last_stats(self) -> ClipStats | None:
+        """The :class:`clipopt.ClipStats` of the last step that had gradients, or None."""
+        return self._counters.last_stats
 
-    def _add_counts(self, flags: list[Tensor]) -> None:
-        device = flags[0].device
-        if self._counts.device != device:
-            self._counts = self._counts.to(device)
-        self._counts = self._counts + torch.stack([f.to(device) for f in flags])
-
-    def _record_host_skip(
-        self, step: int, norm: Tensor, nonfinite: Tensor, reason: str
-    ) -> None:
-        no = torch.zeros_like(nonfinite)
-        yes = torch.ones_like(nonfinite)
-        overflow = reason == "overflow"
-        counted_nonfinite = no if overflow else nonfinite
-        self._add_counts(
-            [
-                yes if reason == "nonfinite" else no,
-                no,
-                counted_nonfinite,
-                yes if reason == "spike" else no,
-                yes if overflow else no,
-            ]
-        )
-        nan = torch.full_like(norm, math.nan)
-        self._publish(
-            step, ClipStats(norm, nan, torch.zeros_like(norm), no, nonfinite, yes)
-        )
-
-    def _record(
-        self,
-        step: int,
-        norm: Tensor,
-        result: ClipResult,
-        nonfinite: Tensor,
-        skip: Tensor | None,
-        overflow: Tensor | None,
-    ) -> None:
-        threshold, coef, clipped = result.threshold, result.coef, result.clipped
-        clipped = clipped.to(nonfinite.device)
-        no = torch.zeros_like(nonfinite)
-        counted_nonfinite = nonfinite
-        if skip is None:
-            skipped = no
-            flags = [no, clipped, nonfinite, no, no]
-        else:
-            threshold = torch.where(skip, torch.full_like(threshold, math.nan), threshold)
-            coef = torch.where(skip, torch.zeros_like(coef), coef)
-            clipped = clipped & torch.logical_not(skip)
-            over = no if overflow is None else overflow
-            counted_nonfinite = nonfinite & torch.logical_not(over)
-            own = skip & torch.logical_not(over)  # skipped by the policy, not the scaler
-            flags = [own & nonfinite, clipped, counted_nonfinite, no, over]
-            skipped = skip
-        self._add_counts(flags)
-        self._publish(step, ClipStats(norm, threshold, coef, clipped, nonfinite, skipped))
-
-    def _publish(self, step: int, stats: ClipStats) -> None:
-        self._calls = step + 1
-        self.last_stats = stats
-        for hook in list(self._hooks.values()):
-            hook(stats, step)
+    @last_stats.setter
+    def last_stats(self, value: ClipStats | None) -> None:
+        self._counters.last_stats = value
 
     def count_skip(self, stats: ClipStats | None) -> None:
         """Count one step skipped for non-finite gradients, with its statistics.
 
         For a closure step undone from a snapshot (the snapshot restored the counts).
         """
-        self._calls += 1
-        self._counts = self._counts + torch.tensor(
-            [1, 0, 1, 0, 0], dtype=torch.int64, device=self._counts.device
-        )
-        self.last_stats = stats
+        self._counters.restored_skip(stats)
 
     def add_stats_hook(self, hook: Callable[[ClipStats, int], None]) -> RemovableHandle:
         """Call ``hook(stats, step)`` after every step that had gradients.
@@ -460,9 +307,7 @@ class Clipper:
         Skipped steps included; ``step`` counts the steps with gradients from 0, as
         ``ClipInputs.step`` does. Returns a handle whose ``remove()`` unregisters it.
         """
-        handle = RemovableHandle(self._hooks)
-        self._hooks[handle.id] = hook
-        return handle
+        return self._counters.add_hook(hook)
 
     def counts(self) -> dict[str, int]:
         """The running counts as plain ints (reads the device once).
@@ -473,25 +318,21 @@ class Clipper:
         those whose gradients were non-finite (skipped or not; a GradScaler overflow is
         the scaler's, and not counted). The clip rate is ``clipped_steps / steps``.
         """
-        values = dict(zip(_COUNTERS, (int(v) for v in self._counts.tolist()), strict=True))
+        values = self._counters.values()
         applied = (
-            self._calls
+            values.pop("calls")
             - values["skipped_steps"]
             - values["spike_steps"]
             - values.pop("overflow_steps")
         )
         return {"steps": applied, **values}
 
-    # -- state ---------------------------------------------------------------------------
-
     def state_dict(self) -> dict[str, Any]:
         """Clipopt's own state: the strategy's state and the counts (weights_only-safe)."""
-        counters = dict(zip(_COUNTERS, self._counts.clone().unbind(), strict=True))
         return {
             "version": _STATE_VERSION,
             "strategy": self.strategy.state_dict(),
-            "calls": self._calls,
-            **counters,
+            **self._counters.state_dict(),
         }
 
     def check_state_dict(self, state: Any) -> None:
@@ -506,7 +347,7 @@ class Clipper:
                 f"state_dict[{STATE_KEY!r}] has version {version!r}; this clipopt reads "
                 f"versions 1 and {_STATE_VERSION}"
             )
-        needed = ("strategy", "calls", *(_COUNTERS[:3] if version == 1 else _COUNTERS))
+        needed = ("strategy", "calls", *(COUNTERS[:3] if version == 1 else COUNTERS))
         missing = [k for k in needed if k not in state]
         if missing:
             raise ValueError(f"state_dict[{STATE_KEY!r}] lacks {', '.join(missing)}")
@@ -520,23 +361,12 @@ class Clipper:
         """
         self.check_state_dict(state)
         self.strategy.load_state_dict(state["strategy"])
-        self._calls = int(state["calls"])
-        counts = [
-            torch.as_tensor(state.get(k, 0)).to(torch.int64).reshape(()) for k in _COUNTERS
-        ]
-        self._counts = torch.stack(counts).clone()
-        self.last_stats = None
+        self._counters.load_state_dict(state)
 
     def reset(self) -> None:
         """Forget the strategy's state and the counts."""
         self.strategy.reset()
-        self._reset_counters()
-        self.last_stats = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(vars(self))
-        state.update(_layout=None, _hooks=OrderedDict())  # hooks belong to their owners
-        return state
+        self._counters.reset()
 
 
 def _unscale_(grads: list[Tensor], scale: Tensor) -> None:

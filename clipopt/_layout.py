@@ -9,14 +9,16 @@ plan for it) serves every step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
+import torch
 from torch import Tensor
 
 from ._norms import NormPlan
+from ._protocol import ClipInputs, ClipResult, ClipStrategy
 
-__all__ = ["Layout", "Selection"]
+__all__ = ["Gradients", "Layout", "Selection"]
 
 
 class Selection:
@@ -110,3 +112,130 @@ class Layout:
         if kept is None or kept.missing != missing:
             kept = self._selection = Selection(self, missing)
         return kept
+
+
+class Gradients:
+    """Collects a step's gradients for a strategy, as :class:`ClipInputs`.
+
+    Keeps the current :class:`Layout` (rebuilt when ``param_groups`` change) and, per
+    selection of parameters with gradients, the strategy's plan.
+
+    Args:
+        strategy: The strategy the inputs are for (its plan, sparse support, group keys).
+        process_group: The process group of plain-tensor shards, or None.
+        apply: The engine's way to apply factors at once (``ClipInputs.apply``).
+    """
+
+    def __init__(
+        self,
+        strategy: ClipStrategy,
+        process_group: Any,
+        apply: Callable[[ClipInputs, ClipResult, Tensor], None],
+    ) -> None:
+        self.strategy = strategy
+        self.process_group = process_group
+        self.apply = apply
+        self.layout: Layout | None = None
+
+    def current(self, groups: list[dict[str, Any]]) -> Layout:
+        """The layout of ``groups``, rebuilt (and its group keys checked) on a change."""
+        layout = self.layout
+        if layout is None or not layout.matches(groups):
+            layout = Layout(groups)
+            self._check_group_keys(layout)
+            self.layout = layout
+        return layout
+
+    def _check_group_keys(self, layout: Layout) -> None:
+        """A ``clipopt_*`` group key the strategy does not read is a silent mistake.
+
+        Raises:
+            ValueError: Such a key, named with the fix.
+        """
+        known = set(self.strategy.group_keys)
+        for g, group in enumerate(layout.groups):
+            for key in group:
+                if isinstance(key, str) and key.startswith("clipopt_") and key not in known:
+                    hint = (
+                        " (pass scope='group' to clip each group to its own threshold)"
+                        if key in ("clipopt_max_norm", "clipopt_clip_value")
+                        else ""
+                    )
+                    raise ValueError(
+                        f"param_groups[{g}] has the key {key!r}, which "
+                        f"{self.strategy!r} does not read{hint}; remove the key or "
+                        f"use a strategy that reads it (it reads: "
+                        f"{', '.join(known) or 'no group keys'})"
+                    )
+
+    def inputs(
+        self, groups: list[dict[str, Any]], step: int, exact: bool
+    ) -> ClipInputs | None:
+        """This step's :class:`ClipInputs`; None if no parameter has a gradient.
+
+        Args:
+            groups: The optimizer's ``param_groups``.
+            step: The step number (``ClipInputs.step``).
+            exact: Whether the norms must keep torch's bits (see ``_norms``).
+
+        Raises:
+            TypeError: Sparse gradients the strategy does not support.
+            ValueError: A group key the strategy does not read.
+        """
+        layout = self.current(groups)
+        grads = [p.grad for p in layout.params]
+        missing = tuple(i for i, g in enumerate(grads) if g is None)
+        if len(missing) == len(grads):
+            return None
+        selection = layout.select(missing)
+        present = cast(
+            list[Tensor], grads if not missing else [grads[i] for i in selection.indices]
+        )
+        sparse = [i for i, g in enumerate(present) if g.is_sparse]
+        if sparse:
+            present = self._sparse_values(selection, present, sparse)
+        args = (
+            selection.params,
+            present,
+            step,
+            selection.indices,
+            len(grads),
+            selection.group_index,
+            layout.groups,
+            selection.names,
+            layout.uniform,
+            self.process_group,
+            None if sparse else selection.norm_plan(exact),
+        )
+        if not selection.planned:  # the strategy plans once per selection
+            selection.plan = self.strategy.plan(ClipInputs(*args))
+            selection.planned = True
+        return ClipInputs(*args, plan=selection.plan, apply=self.apply)
+
+    def _sparse_values(
+        self, selection: Selection, grads: list[Tensor], sparse: list[int]
+    ) -> list[Tensor]:
+        """Sparse COO gradients coalesced in place; their values stand for them.
+
+        Raises:
+            TypeError: The strategy does not support sparse gradients.
+        """
+        if not self.strategy.sparse_gradients:
+            shape = tuple(selection.params[sparse[0]].shape)
+            raise TypeError(
+                f"{self.strategy!r} does not support sparse gradients (a parameter of "
+                f"shape {shape} has one, e.g. from nn.Embedding(sparse=True)); use "
+                "'norm', 'value', 'percentile', 'zscore' or 'adagc', or dense gradients"
+            )
+        out = list(grads)
+        for i in sparse:
+            param = selection.params[i]
+            grad = grads[i]
+            if not grad.is_coalesced():
+                with torch.no_grad():
+                    grad = param.grad = grad.coalesce()
+            out[i] = grad._values()
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**vars(self), "layout": None}  # derived from the groups

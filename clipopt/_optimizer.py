@@ -7,19 +7,19 @@ from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 import torch
-from torch.utils.hooks import RemovableHandle
 
 from ._closure import step_with_closure
 from ._distributed import warn_if_fsdp1_without_group
 from ._engine import STATE_KEY, Clipper, NonfinitePolicy
 from ._ownership import claim, release
 from ._protocol import ClipStats, ClipStrategy
+from ._shell import DelegatingOptimizer
 from ._torch_private import finish_optimizer, hand_over, mark_hooked, read_handed, take_back
 
 __all__ = ["ClippedOptimizer"]
 
 
-class ClippedOptimizer(torch.optim.Optimizer):
+class ClippedOptimizer(DelegatingOptimizer):
     """Wrap a ``torch.optim`` optimizer so that ``step()`` clips the gradients first.
 
     The wrapper *is* a ``torch.optim.Optimizer``: LR schedulers, ``GradScaler``,
@@ -121,37 +121,6 @@ class ClippedOptimizer(torch.optim.Optimizer):
         warn_if_fsdp1_without_group(optimizer, process_group, stacklevel=2)
         finish_optimizer(self)
 
-    # -- shared containers ---------------------------------------------------------------
-    # Properties with setters, not aliases: Optimizer.load_state_dict rebinds these
-    # attributes, and an alias would then point at stale objects (NVIDIA/apex#766).
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The wrapped optimizer's ``param_groups`` (the same list object)."""
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        """The wrapped optimizer's ``state`` (the same dict object)."""
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """The wrapped optimizer's ``defaults`` (the same dict object)."""
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
     # -- what the engine knows -----------------------------------------------------------
 
     @property
@@ -221,65 +190,6 @@ class ClippedOptimizer(torch.optim.Optimizer):
         finally:
             take_back(self.optimizer, saved)
         return None
-
-    # -- delegation ----------------------------------------------------------------------
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients, as the wrapped optimizer's ``zero_grad`` does."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the wrapped optimizer."""
-        self.optimizer.add_param_group(param_group)
-
-    def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        """Register a hook run before each step, on the wrapped optimizer.
-
-        The hook runs once per step and receives the wrapped optimizer as its first
-        argument. Without a closure it runs after clipping, so it sees clipped
-        gradients; with a closure it runs before the closure is evaluated, as it would
-        for the plain optimizer. A step skipped on the host does not run it.
-        """
-        return self.optimizer.register_step_pre_hook(hook)
-
-    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        """Register a hook run after each step, on the wrapped optimizer.
-
-        The hook receives the wrapped optimizer as its first argument. A step skipped
-        on the host does not run it; :meth:`clipopt.Clipper.add_stats_hook` sees every
-        step.
-        """
-        return self.optimizer.register_step_post_hook(hook)
-
-    def register_state_dict_pre_hook(
-        self, hook: Callable[..., Any], prepend: bool = False
-    ) -> RemovableHandle:
-        """Register a ``state_dict`` pre-hook on the wrapped optimizer."""
-        return self.optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
-
-    def register_state_dict_post_hook(
-        self, hook: Callable[..., Any], prepend: bool = False
-    ) -> RemovableHandle:
-        """Register a ``state_dict`` post-hook on the wrapped optimizer.
-
-        It sees the wrapped optimizer's state dict, before clipopt adds its own key.
-        """
-        return self.optimizer.register_state_dict_post_hook(hook, prepend=prepend)
-
-    def register_load_state_dict_pre_hook(
-        self, hook: Callable[..., Any], prepend: bool = False
-    ) -> RemovableHandle:
-        """Register a ``load_state_dict`` pre-hook on the wrapped optimizer.
-
-        It sees the state dict without clipopt's own key.
-        """
-        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend=prepend)
-
-    def register_load_state_dict_post_hook(
-        self, hook: Callable[..., Any], prepend: bool = False
-    ) -> RemovableHandle:
-        """Register a ``load_state_dict`` post-hook on the wrapped optimizer."""
-        return self.optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
 
     # -- checkpoints ---------------------------------------------------------------------
 

@@ -530,7 +530,7 @@ def test_agc_plan_is_built_once_while_the_same_gradient_is_missing():
         if step >= 1:
             model[0].bias.grad = None
         opt.step()
-        plans.append(opt.clipper._layout._selection.plan)
+        plans.append(opt.clipper._gradients.layout._selection.plan)
     assert plans[0] is not plans[1]  # a gradient went missing: a new selection
     assert plans[1] is plans[2] is plans[3]
     assert len(plans[0].included) == 4

@@ -498,8 +498,8 @@ def _group_worker(rank):
                 len(calls),
                 [p.grad.clone() for p in mine],
             )
-            assert opt.clipper._layout is not None
-            assert opt.clipper._layout.norm_plan(exact=True) is not None
+            assert opt.clipper._gradients.layout is not None
+            assert opt.clipper._gradients.layout.norm_plan(exact=True) is not None
     finally:
         dist.all_reduce = original
     return results

@@ -325,19 +325,19 @@ def test_layout_follows_param_group_changes():
     opt = ClippedOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), max_norm=1e-3)
     loss_of(model, batches(1)[0]).backward()
     opt.step()
-    first = opt.clipper._layout
+    first = opt.clipper._gradients.layout
     opt.step()
-    assert opt.clipper._layout is first  # cached while the groups do not change
+    assert opt.clipper._gradients.layout is first  # cached while the groups do not change
     opt.add_param_group({"params": model[2].parameters()})
     expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     opt.step()
-    assert opt.clipper._layout is not first
+    assert opt.clipper._gradients.layout is not first
     torch.testing.assert_close(opt.last_stats.norm, expected)  # the new group counts
     opt.optimizer.load_state_dict(opt.optimizer.state_dict())  # rebinds param_groups
-    second = opt.clipper._layout
+    second = opt.clipper._gradients.layout
     model[2].weight.grad = None  # a gradient disappears
     opt.step()
-    assert opt.clipper._layout is not second
+    assert opt.clipper._gradients.layout is not second
     expected = torch.nn.utils.get_total_norm(
         [p.grad for p in model.parameters() if p.grad is not None]
     )

@@ -103,7 +103,7 @@ def test_fused_path_takes_over_the_scaling_pass(cls):
 def test_batched_norms_stay_bit_identical(cls, kwargs, strategy):
     """With norms batched over same-shaped tensors, still torch's bits."""
     opt = _twin_run(cls, kwargs, strategy, torch.float32, model=_deep_model)
-    plan = opt.clipper._layout.norm_plan(exact=True)
+    plan = opt.clipper._gradients.layout.norm_plan(exact=True)
     assert plan is not None
     assert plan.active
     assert opt.counts()["clipped_steps"] >= 1
@@ -145,7 +145,7 @@ def test_exact_path_keeps_torch_bits_with_large_tensors():
     opt = clipopt.ClippedOptimizer(torch.optim.AdamW(model.parameters()), "norm")
     ref = _one_step(opt, model)
     assert torch.equal(opt.last_stats.norm, ref)
-    assert opt.clipper._layout.norm_plan(exact=False) is not None  # not for this one
+    assert opt.clipper._gradients.layout.norm_plan(exact=False) is not None  # not for this one
 
 
 @pytest.mark.parametrize(
