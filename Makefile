@@ -6,16 +6,30 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.clipopt-installed
+# Pinned versions of every tool and extra (not torch): see the file's header.
+CONSTRAINTS := requirements/constraints.txt
+PIN := '^(torch|clipopt|pip|setuptools|wheel)(==| @)'
 
-.PHONY: setup test lint typecheck pytest docs demo plots bench clean
+.PHONY: setup test lint typecheck pytest docs demo plots bench lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,docs,optuna]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,docs,optuna]"
 	touch $(STAMP)
+
+# Resolve the newest versions that pyproject.toml allows, in a scratch venv, and write
+# them to $(CONSTRAINTS): review the diff, run make test, commit.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev,docs,optuna]"
+	head -n 3 $(CONSTRAINTS) > $(CONSTRAINTS).new
+	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -E $(PIN) \
+		>> $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf .venv-lock
 
 lint: setup
 	$(BIN)/ruff check .
@@ -25,7 +39,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 pytest: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -p randomly  # random order; the header prints the seed
 
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
@@ -43,4 +57,4 @@ bench: setup
 
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock site .pytest_cache .mypy_cache .ruff_cache

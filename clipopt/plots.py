@@ -20,18 +20,19 @@ from ._stats import StatsHistory
 __all__ = ["plot_layer_heatmap", "plot_stats"]
 
 
-def _pyplot() -> Any:
+def _figure(width: float, height: float) -> Any:
+    """A figure of matplotlib's object API: no pyplot, no global backend switched."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - matplotlib is a dev dependency
         raise ImportError(
             "clipopt.plots needs matplotlib: pip install matplotlib "
             "(or pip install 'clipopt[optuna]')"
         ) from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_stats(
@@ -62,41 +63,48 @@ def plot_stats(
         >>> clipopt.plots.plot_stats(history, folder / "s.png").stat().st_size > 0
         True
     """
-    data = history.to_dict() if isinstance(history, StatsHistory) else history
-    plt = _pyplot()
-    steps = list(range(len(data["norm"])))
-    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=110)
+    if isinstance(history, StatsHistory):
+        data: Mapping[str, Sequence[float]] = history.to_dict()
+        steps: Sequence[float] = history.steps
+    else:
+        data = history
+        steps = data.get("step", range(len(data["norm"])))
+    fig = _figure(8, 3.4)
+    ax = fig.subplots()
     ax.plot(steps, data["norm"], color="0.45", lw=1, label="pre-clip norm")
     post = [n * c for n, c in zip(data["norm"], data["coef"], strict=True)]
     ax.plot(steps, post, color="tab:blue", lw=1, label="after clipping")
     ax.plot(steps, data["threshold"], color="tab:red", ls="--", lw=1, label="threshold")
-    clipped = [i for i in steps if data["clipped"][i] > 0]
-    skipped = [i for i in steps if data["nonfinite"][i] > 0]
-    ax.scatter(
-        clipped,
-        [data["norm"][i] for i in clipped],
-        s=10,
-        color="tab:red",
-        zorder=3,
-        label=f"clipped ({len(clipped)})",
-    )
     finite = [n for n in data["norm"] if math.isfinite(n)]
     top = max(finite) if finite else 1.0
-    ax.scatter(
-        skipped,
-        [top] * len(skipped),
-        marker="x",
-        color="black",
-        zorder=3,
-        label=f"non-finite ({len(skipped)})",
-    )
+    nonfinite = [v > 0 for v in data["nonfinite"]]
+    spikes = [
+        s > 0 and not bad
+        for s, bad in zip(data.get("skipped", nonfinite), nonfinite, strict=True)
+    ]
+    marks = [
+        ("clipped", [v > 0 for v in data["clipped"]], "o", "tab:red", None),
+        ("non-finite", nonfinite, "x", "black", top),
+        ("skipped spike", spikes, "v", "tab:purple", None),
+    ]
+    for label, chosen, marker, color, height in marks:
+        at = [i for i, yes in enumerate(chosen) if yes]
+        ax.scatter(
+            [steps[i] for i in at],
+            [height if height is not None else data["norm"][i] for i in at],
+            s=12,
+            marker=marker,
+            color=color,
+            zorder=3,
+            label=f"{label} ({len(at)})",
+        )
     if finite and min(finite) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def plot_layer_heatmap(
@@ -125,7 +133,6 @@ def plot_layer_heatmap(
     rows = recorder.history
     if not rows:
         raise ValueError("the recorder has no recorded step")
-    plt = _pyplot()
     names = recorder.names[:max_params]
     grid = [
         [
@@ -135,20 +142,20 @@ def plot_layer_heatmap(
         for row in rows
     ]
     columns = list(map(list, zip(*grid, strict=True)))
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.18 * len(names) + 1.2)), dpi=110)
+    fig = _figure(8, max(2.5, 0.18 * len(names) + 1.2))
+    ax = fig.subplots()
     image = ax.imshow(columns, aspect="auto", interpolation="nearest", cmap="magma")
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=6)
     ax.set_xlabel("recorded step")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="log10 gradient norm")
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
-def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> pathlib.Path:
+def _save(fig: Any, path: str | os.PathLike[str]) -> pathlib.Path:
     fig.tight_layout()
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out

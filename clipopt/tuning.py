@@ -1001,10 +1001,15 @@ def save_plots(
     Returns:
         The written files.
     """
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def subplots(*args: Any, **kwargs: Any) -> Any:
+        """Like pyplot.subplots, on the object API: no global backend switched."""
+        figsize, dpi = kwargs.pop("figsize"), kwargs.pop("dpi")
+        fig = Figure(figsize=figsize, dpi=dpi)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(*args, **kwargs)
 
     out = pathlib.Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -1016,7 +1021,7 @@ def save_plots(
     panels = [s for s, rs in by_strategy.items() if any(r.params for r in rs)]
     written = []
 
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         1,
         max(len(panels), 1),
         figsize=(4.2 * max(len(panels), 1), 3.4),
@@ -1048,10 +1053,9 @@ def save_plots(
     fig.tight_layout()
     path = out / "objective_vs_threshold.png"
     fig.savefig(path)
-    plt.close(fig)
     written.append(path)
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    fig, ax = subplots(figsize=(7, 3.6), dpi=110)
     colors = {s: f"C{i}" for i, s in enumerate(sorted(by_strategy) or [NONE])}
     for trial in study.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
@@ -1080,6 +1084,5 @@ def save_plots(
     fig.tight_layout()
     path = out / "intermediate_values.png"
     fig.savefig(path)
-    plt.close(fig)
     written.append(path)
     return written

@@ -7,6 +7,13 @@ from hypothesis import strategies as st
 
 from clipopt import functional as F
 
+# numerics: bits and accuracy must hold on one thread and on several
+pytestmark = [
+    pytest.mark.usefixtures("threads"),
+    pytest.mark.parametrize("threads", [1, 2], indirect=True),
+]
+
+
 NORM_TYPES = [0.5, 1.0, 1.5, 2.0, 4.0, math.inf]
 
 

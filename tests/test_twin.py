@@ -9,6 +9,13 @@ import clipopt
 import clipopt._norms
 from tests.conftest import batches, loss_of, make_model, optimizer_variants
 
+# numerics: bits and accuracy must hold on one thread and on several
+pytestmark = [
+    pytest.mark.usefixtures("threads"),
+    pytest.mark.parametrize("threads", [1, 2], indirect=True),
+]
+
+
 REFERENCE_CLIP = {
     "norm": lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5),
     "norm-inf": lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.2, float("inf")),
@@ -145,7 +152,7 @@ def test_exact_path_keeps_torch_bits_with_large_tensors():
     opt = clipopt.ClippedOptimizer(torch.optim.AdamW(model.parameters()), "norm")
     ref = _one_step(opt, model)
     assert torch.equal(opt.last_stats.norm, ref)
-    assert opt.clipper._gradients.layout.norm_plan(exact=False) is not None  # not for this one
+    assert opt.clipper._gradients.layout.norm_plan(exact=False) is not None  # unused
 
 
 @pytest.mark.parametrize(
