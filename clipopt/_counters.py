@@ -1,9 +1,11 @@
 """What the engine counts and publishes after each step with gradients.
 
-Calls are counted on the host; the outcomes (skipped, clipped, non-finite, spike,
-GradScaler overflow) in one small device tensor, so counting never reads the device.
-Every step's :class:`clipopt.ClipStats` goes to ``last_stats`` and to the statistics
-hooks, skipped steps included.
+A step's outcomes (skipped, clipped, non-finite, spike, GradScaler overflow) arrive as
+*flags*: a Python bool where the engine knows them on the host (on the CPU a read is
+free), else a 0-dim device tensor. Bools are counted on the host, tensors on the device,
+so counting never reads the device and costs no op for what is already known. The
+step's :class:`clipopt.ClipStats` are built when asked for (``last_stats``, or a hook
+registered): a step nobody looks at makes no statistics tensors.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from ._protocol import ClipResult, ClipStats
+from ._protocol import ClipStats
 
-__all__ = ["COUNTERS", "Counters"]
+__all__ = ["COUNTERS", "Counters", "Flag"]
 
-#: The device-side counters, in the order of the counts tensor.
+#: The counters, in the order of the state dict.
 COUNTERS = (
     "skipped_steps",
     "clipped_steps",
@@ -30,13 +32,31 @@ COUNTERS = (
     "overflow_steps",
 )
 Hook = Callable[[ClipStats, int], None]
+#: Known on the host (bool) or not (a 0-dim bool tensor on the device).
+Flag = bool | Tensor
+#: A step's statistics before they are tensors: (norm, threshold, coef, clipped,
+#: nonfinite, skipped).
+Raw = tuple[Tensor, Tensor | float, Tensor | float, Flag, Flag, Flag]
+
+
+def _tensor(value: Tensor | float | bool, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, bool):
+        return torch.full_like(like, value, dtype=torch.bool)
+    return torch.full_like(like, value)
+
+
+def stats_of(raw: Raw) -> ClipStats:
+    """The statistics as 0-dim tensors on the norm's device (fills, no host copy)."""
+    norm = raw[0]
+    return ClipStats(norm, *(_tensor(v, norm) for v in raw[1:]))
 
 
 class Counters:
     """The running counts, the last statistics, and the hooks that see every step."""
 
     def __init__(self) -> None:
-        self.last_stats: ClipStats | None = None
         self.hooks: OrderedDict[int, Hook] = OrderedDict()
         self.reset()
 
@@ -44,76 +64,86 @@ class Counters:
         """Start counting from zero."""
         #: Steps with gradients so far (the next step's number).
         self.calls = 0
-        self._counts: Tensor | None = None  # made on the first step's device
-        self.last_stats = None
+        self._host = dict.fromkeys(COUNTERS, 0)
+        self._device: dict[str, Tensor] = {}
+        self._raw: Raw | None = None
+        self._stats: ClipStats | None = None
 
-    def _add(self, flags: list[Tensor]) -> None:
-        added = torch.stack([f.to(flags[0].device) for f in flags]).to(torch.int64)
-        counts = self._counts
-        self._counts = added if counts is None else counts + added.to(counts.device)
+    @property
+    def last_stats(self) -> ClipStats | None:
+        """The last step's statistics (built on first access)."""
+        if self._stats is None and self._raw is not None:
+            self._stats = stats_of(self._raw)
+        return self._stats
+
+    @last_stats.setter
+    def last_stats(self, value: ClipStats | None) -> None:
+        self._raw, self._stats = None, value
+
+    def _add(self, name: str, flag: Flag) -> None:
+        if isinstance(flag, bool):
+            self._host[name] += flag
+            return
+        kept = self._device.get(name)
+        flag = flag.to(torch.int64)
+        # (a counter loaded from a checkpoint moves to the flags' device once)
+        self._device[name] = flag if kept is None else kept.to(flag.device) + flag
 
     def skipped_on_host(
-        self, step: int, norm: Tensor, nonfinite: Tensor, reason: str
+        self, step: int, norm: Tensor, nonfinite: bool, reason: str
     ) -> None:
         """Count a step the host skipped (``reason``: nonfinite, spike or overflow)."""
-        no = torch.zeros_like(nonfinite)
-        yes = torch.ones_like(nonfinite)
-        overflow = reason == "overflow"
-        self._add(
-            [
-                yes if reason == "nonfinite" else no,
-                no,
-                no if overflow else nonfinite,
-                yes if reason == "spike" else no,
-                yes if overflow else no,
-            ]
-        )
-        nan = torch.full_like(norm, math.nan)
-        self._publish(
-            step, ClipStats(norm, nan, torch.zeros_like(norm), no, nonfinite, yes)
-        )
+        self._host["skipped_steps"] += reason == "nonfinite"
+        self._host["nonfinite_steps"] += nonfinite and reason != "overflow"
+        self._host["spike_steps"] += reason == "spike"
+        self._host["overflow_steps"] += reason == "overflow"
+        self._publish(step, (norm, math.nan, 0.0, False, nonfinite, True))
 
     def stepped(
         self,
         step: int,
-        norm: Tensor,
-        result: ClipResult,
-        nonfinite: Tensor,
+        raw: Raw,
         skip: Tensor | None,
-        overflow: Tensor | None,
+        overflow: Flag | None,
     ) -> None:
-        """Count a clipped step; ``skip``: the kernel skips where True (device flag)."""
-        threshold, coef = result.threshold, result.coef
-        clipped = result.clipped.to(nonfinite.device)
-        no = torch.zeros_like(nonfinite)
+        """Count a step whose factors were applied (``skip``: the kernel may skip it).
+
+        ``raw`` holds the strategy's statistics; where ``skip`` is True (a device flag)
+        they become those of a skipped step.
+        """
+        norm, threshold, coef, clipped, nonfinite, _ = raw
         if skip is None:
-            skipped = no
-            flags = [no, clipped, nonfinite, no, no]
-        else:
-            threshold = torch.where(skip, torch.full_like(threshold, math.nan), threshold)
-            coef = torch.where(skip, torch.zeros_like(coef), coef)
-            clipped = clipped & torch.logical_not(skip)
-            over = no if overflow is None else overflow
-            own = skip & torch.logical_not(over)  # skipped by the policy, not the scaler
-            counted_nonfinite = nonfinite & torch.logical_not(over)
-            flags = [own & nonfinite, clipped, counted_nonfinite, no, over]
-            skipped = skip
-        self._add(flags)
-        self._publish(step, ClipStats(norm, threshold, coef, clipped, nonfinite, skipped))
+            self._add("clipped_steps", clipped)
+            self._add("nonfinite_steps", nonfinite)
+            self._publish(step, (norm, threshold, coef, clipped, nonfinite, False))
+            return
+        kept = torch.logical_not(skip)
+        over = _tensor(False if overflow is None else overflow, norm)
+        bad = _tensor(nonfinite, norm)
+        clipped = _tensor(clipped, norm) & kept
+        self._add("skipped_steps", skip & torch.logical_not(over) & bad)
+        self._add("clipped_steps", clipped)
+        self._add("nonfinite_steps", bad & torch.logical_not(over))
+        self._add("overflow_steps", over)
+        threshold = torch.where(skip, math.nan, _tensor(threshold, norm))
+        coef = torch.where(skip, 0.0, _tensor(coef, norm))
+        self._publish(step, (norm, threshold, coef, clipped, bad, skip))
 
     def restored_skip(self, stats: ClipStats | None) -> None:
         """Count one step skipped for non-finite gradients after a snapshot restore."""
         self.calls += 1
-        one = torch.ones((), dtype=torch.int64)
-        zero = torch.zeros((), dtype=torch.int64)
-        self._add([one, zero, one, zero, zero])
+        self._host["skipped_steps"] += 1
+        self._host["nonfinite_steps"] += 1
         self.last_stats = stats
 
-    def _publish(self, step: int, stats: ClipStats) -> None:
+    def _publish(self, step: int, raw: Raw) -> None:
         self.calls = step + 1
-        self.last_stats = stats
-        for hook in list(self.hooks.values()):
-            hook(stats, step)
+        self._raw, self._stats = raw, None
+        if self.hooks:
+            stats = self.last_stats
+            assert stats is not None
+            for hook in list(self.hooks.values()):
+                hook(stats, step)
 
     def add_hook(self, hook: Hook) -> RemovableHandle:
         """Call ``hook(stats, step)`` after every step that had gradients."""
@@ -122,30 +152,33 @@ class Counters:
         return handle
 
     def values(self) -> dict[str, int]:
-        """Every counter as an int (one device read), and ``calls``."""
-        if self._counts is None:
-            counted = dict.fromkeys(COUNTERS, 0)
-        else:
-            counted = dict(zip(COUNTERS, map(int, self._counts.tolist()), strict=True))
-        return {"calls": self.calls, **counted}
+        """Every counter as an int (one device read, if any is on the device), and calls."""
+        out = dict(self._host)
+        if self._device:
+            names = list(self._device)
+            read = torch.stack([self._device[n].cpu() for n in names]).tolist()
+            for name, value in zip(names, read, strict=True):
+                out[name] += int(value)
+        return {"calls": self.calls, **out}
 
     def state_dict(self) -> dict[str, Any]:
-        """``calls`` and the counters as 0-dim tensors (weights_only-safe)."""
-        counts = self._counts
-        if counts is None:
-            counts = torch.zeros(len(COUNTERS), dtype=torch.int64)
-        return {
-            "calls": self.calls,
-            **dict(zip(COUNTERS, counts.clone().unbind(), strict=True)),
-        }
+        """``calls`` and the counters as 0-dim int64 tensors (weights_only-safe)."""
+        state: dict[str, Any] = {"calls": self.calls}
+        for name in COUNTERS:
+            device = self._device.get(name)
+            host = torch.tensor(self._host[name], dtype=torch.int64)
+            state[name] = host if device is None else (device + self._host[name]).clone()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s result (absent counters, from version 1: zero)."""
         self.calls = int(state["calls"])
-        self._counts = torch.stack(
-            [torch.as_tensor(state.get(k, 0)).to(torch.int64).reshape(()) for k in COUNTERS]
-        )
-        self.last_stats = None
+        self._host = dict.fromkeys(COUNTERS, 0)
+        self._device = {
+            k: torch.as_tensor(state.get(k, 0)).to(torch.int64).reshape(()).clone()
+            for k in COUNTERS
+        }
+        self._raw, self._stats = None, None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**vars(self), "hooks": OrderedDict()}  # hooks belong to their owners

@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from . import _distributed as D
 from . import functional as F
 from ._apply import Applier, as_measurement, host_readable
-from ._counters import COUNTERS, Counters
+from ._counters import COUNTERS, Counters, Flag
 from ._layout import Gradients
 from ._protocol import ClipInputs, ClipResult, ClipStats, ClipStrategy, Measurement, Scale
 from ._registry import get_strategy
@@ -166,29 +166,32 @@ class Clipper:
             # The gradients are scaled; unscale them as the kernel would (a division),
             # so that the strategy sees true gradients, and hand it no grad_scale.
             _unscale_(list(inputs.grads), scale)
-        measured, nonfinite = self._measure(inputs)
+        measured, nonfinite = self._measure(inputs, scale if one_pass else None)
         norm = measured.norm
-        if one_pass:
-            assert scale is not None
-            norm = norm / scale.to(norm.device, norm.dtype)
-            measured = measured._replace(norm=norm)
-            nonfinite = torch.logical_not(F.finite(norm))
-        overflow = None if found_inf is None else found_inf.reshape(()).to(norm.device) > 0
+        overflow = None if found_inf is None else _known(found_inf.reshape(()) > 0)
         step = self._counters.calls
         skip: Tensor | None = None
         if self._kernel_decides(fused, inputs, norm):
-            skip = nonfinite if self.nonfinite == "skip" else None
-            if overflow is not None:
-                skip = overflow if skip is None else skip | overflow
+            terms = [nonfinite] if self.nonfinite == "skip" else []
+            terms += [] if overflow is None else [overflow]
+            for term in terms:  # device flags on this path
+                assert isinstance(term, Tensor)
+                skip = term if skip is None else skip | term.to(skip.device)
         elif self.nonfinite in ("skip", "error") or overflow is not None:
-            reason = self._host_decision(norm, nonfinite, overflow)
+            reason, nonfinite = self._host_decision(norm, nonfinite, overflow)
             if reason is not None:
-                self._counters.skipped_on_host(step, measured.norm, nonfinite, reason)
+                self._counters.skipped_on_host(step, norm, nonfinite, reason)
                 return None
+            overflow = False
         result = strategy.clip(inputs, measured, skip if strategy.honours_skip else None)
-        handover = self._apply(inputs, result, norm, fused, scale if one_pass else None)
+        clipped = _known(result.clipped) if skip is None else result.clipped
+        unchanged = clipped is False and nonfinite is False
+        handover = self._apply(
+            inputs, result, norm, fused, scale if one_pass else None, unchanged
+        )
         found = None if skip is None else skip.to(torch.float32)
-        self._counters.stepped(step, norm, result, nonfinite, skip, overflow)
+        raw = (norm, result.threshold, result.coef, clipped, nonfinite, False)
+        self._counters.stepped(step, raw, skip, overflow)
         return Handover(handover, found)
 
     def _kernel_decides(self, fused: bool, inputs: ClipInputs, norm: Tensor) -> bool:
@@ -207,44 +210,56 @@ class Clipper:
         )
 
     def _host_decision(
-        self, norm: Tensor, nonfinite: Tensor, overflow: Tensor | None
-    ) -> str | None:
-        """Read the flags once; return why the step is skipped, or None.
+        self, norm: Tensor, nonfinite: Flag, overflow: Flag | None
+    ) -> tuple[str | None, bool]:
+        """Read the flags (once); return why the step is skipped (or None), and ``bad``.
 
         Raises:
             RuntimeError: Non-finite gradients under ``"error"`` (not an overflow that
                 GradScaler handles).
         """
-        if overflow is None:
-            bad, over = bool(nonfinite), False
+        if isinstance(nonfinite, bool) and not isinstance(overflow, Tensor):
+            bad, over = nonfinite, bool(overflow)  # known on the host already
         else:
-            bad, over = (bool(v) for v in torch.stack([nonfinite, overflow]).tolist())
+            flags = [nonfinite, False if overflow is None else overflow]
+            device = next(f.device for f in flags if isinstance(f, Tensor))
+            read = torch.stack([torch.as_tensor(f, device=device) for f in flags])
+            bad, over = (bool(v) for v in read.tolist())
         if over:
-            return "overflow"  # GradScaler's business: it backs off, never an error
+            return "overflow", bad  # GradScaler's business: it backs off, never an error
         if bad and self.nonfinite == "error":
             raise RuntimeError(
                 f"non-finite gradients: the pre-clip statistic of {self.strategy!r} is "
                 f"{float(norm)}; nothing was changed (nonfinite='error')"
             )
         if bad and self.nonfinite == "skip":
-            return "nonfinite"
-        return None
+            return "nonfinite", bad
+        return None, bad
 
-    def _measure(self, inputs: ClipInputs) -> tuple[Measurement, Tensor]:
-        """The strategy's measurement, after the ``"zero"`` policy cleaned the gradients.
+    def _measure(
+        self, inputs: ClipInputs, scale: Tensor | None
+    ) -> tuple[Measurement, Flag]:
+        """The strategy's measurement, and whether the raw gradients were non-finite.
 
-        Returns the measurement and whether the raw gradients were non-finite.
+        ``scale``: the gradients are still scaled by it (GradScaler's one pass), so the
+        statistic is divided by it. Under ``"zero"`` the cleaned gradients' statistic
+        needs a second measurement. On the CPU the flag is read for free and this
+        happens only on a non-finite step; on an accelerator, without a host read, it
+        happens every step.
         """
-        measured = as_measurement(self.strategy.measure(inputs))
-        nonfinite = torch.logical_not(F.finite(measured.norm))
-        if self.nonfinite == "zero" and not (
-            host_readable(nonfinite) and not bool(nonfinite)
-        ):
-            # The cleaned gradients' statistic needs a second measurement. On the CPU
-            # the flag is read for free and this happens only on a non-finite step; on
-            # an accelerator, without a host read, it happens every step.
-            F.nonfinite_to_zero_(inputs.grads)
+
+        def measure() -> Measurement:
             measured = as_measurement(self.strategy.measure(inputs))
+            if scale is None:
+                return measured
+            norm = measured.norm
+            return measured._replace(norm=norm / scale.to(norm.device, norm.dtype))
+
+        measured = measure()
+        nonfinite = _nonfinite(measured.norm)
+        if self.nonfinite == "zero" and nonfinite is not False:
+            F.nonfinite_to_zero_(inputs.grads)
+            measured = measure()
         return measured, nonfinite
 
     def _apply(
@@ -254,21 +269,24 @@ class Clipper:
         norm: Tensor,
         fused: bool,
         scale: Tensor | None,
+        unchanged: bool,
     ) -> Tensor | None:
         """Apply the factors, or return the ``grad_scale`` that makes the kernel do it.
 
         ``scale``: the gradients are still scaled by it (GradScaler's one pass).
+        ``unchanged``: known on the host that the factors change nothing.
         """
         factors = result.factors
         if fused and len(factors) <= 1 and all(isinstance(f, Scale) for f in factors):
-            coef = cast(Scale, factors[0]).factor if factors else None
-            if coef is None or (host_readable(coef) and bool(coef == 1.0)):
-                # nothing to scale; on the CPU, no grad_scale means the kernel does not
-                # write the gradients back either
+            if not factors or unchanged:
+                # nothing to scale; without a grad_scale the kernel does not write the
+                # gradients back either
                 return scale
+            coef = cast(Scale, factors[0]).factor
             inverse = (1.0 / coef).to(inputs.grads[0].device, torch.float32)
             return inverse if scale is None else inverse * scale.to(inverse)
-        self._applier(inputs, result, norm)
+        if not unchanged:
+            self._applier(inputs, result, norm)
         return None
 
     def _warn_no_gradients(self) -> None:
@@ -367,6 +385,18 @@ class Clipper:
         """Forget the strategy's state and the counts."""
         self.strategy.reset()
         self._counters.reset()
+
+
+def _nonfinite(norm: Tensor) -> Flag:
+    """Whether a statistic is non-finite: a bool where reading it is free, else a tensor."""
+    if host_readable(norm):
+        return not math.isfinite(norm.item())
+    return torch.logical_not(torch.isfinite(norm))
+
+
+def _known(flag: Tensor) -> Flag:
+    """A flag as a bool where reading it is free (a CPU tensor), else the tensor."""
+    return bool(flag) if host_readable(flag) else flag
 
 
 def _unscale_(grads: list[Tensor], scale: Tensor) -> None:

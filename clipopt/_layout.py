@@ -47,6 +47,8 @@ class Selection:
             self.names = None if names is None else [names[i] for i in keep]
         self.plan: Any = None
         self.planned = False
+        #: Positions of sparse gradients, found at the selection's first step.
+        self.sparse: list[int] | None = None
 
     def norm_plan(self, exact: bool) -> NormPlan | None:
         """The layout's norm plan, when every parameter has a gradient."""
@@ -184,14 +186,16 @@ class Gradients:
         """
         layout = self.current(groups)
         grads = [p.grad for p in layout.params]
-        missing = tuple(i for i, g in enumerate(grads) if g is None)
+        missing = tuple([i for i, g in enumerate(grads) if g is None])
         if len(missing) == len(grads):
             return None
         selection = layout.select(missing)
         present = cast(
             list[Tensor], grads if not missing else [grads[i] for i in selection.indices]
         )
-        sparse = [i for i, g in enumerate(present) if g.is_sparse]
+        if selection.sparse is None:  # a gradient's layout comes from its module's op
+            selection.sparse = [i for i, g in enumerate(present) if g.is_sparse]
+        sparse = selection.sparse
         if sparse:
             present = self._sparse_values(selection, present, sparse)
         args = (

@@ -122,7 +122,9 @@ class NormPlan:
             parameter's shape, dtype, device and, by torch's layout contract, strides).
         max_numel: Tensors with more elements are not batched (their per-tensor overhead
             is amortised, and stacking would copy them).
-        min_count: Fewer same-shaped tensors than this are not worth a batch.
+        min_count: Fewer same-shaped tensors than this are not worth a batch (stacking
+            costs about as much as a dozen norms of small tensors, measured on one
+            thread).
         exact: Keep torch's bits (True), or allow dot products for large tensors.
         dot_min_numel: With ``exact=False``, the size from which dot products are used.
     """
@@ -132,7 +134,7 @@ class NormPlan:
         tensors: Sequence[Tensor],
         *,
         max_numel: int = 2048,
-        min_count: int = 4,
+        min_count: int = 16,
         exact: bool = True,
         dot_min_numel: int = 1 << 16,
     ) -> None:
@@ -191,11 +193,20 @@ class NormPlan:
             if norm_type == 2.0 and all(t.is_contiguous() for t in big):
                 parts.append(torch.stack([dot_norm(t) for t in big]))
             else:
-                parts.append(tensor_norms(big, norm_type, foreach=foreach))
+                parts.append(_uniform_norms(big, norm_type, foreach))
         if self._rest:
             rest = [tensors[i] for i in self._rest]
-            parts.append(tensor_norms(rest, norm_type, foreach=foreach))
+            parts.append(_uniform_norms(rest, norm_type, foreach))
         return torch.cat(parts).index_select(0, self._order)
+
+
+def _uniform_norms(tensors: list[Tensor], norm_type: float, foreach: bool | None) -> Tensor:
+    """The norms of tensors of one device and dtype (a plan's): no grouping needed."""
+    if math.isinf(norm_type):
+        return inf_norms(tensors, foreach, uniform=True)
+    if use_foreach(tensors[:1], tensors[0].device, foreach):
+        return torch.stack(torch._foreach_norm(tensors, norm_type))
+    return torch.stack([torch.linalg.vector_norm(t, norm_type) for t in tensors])
 
 
 def reduce_norms(norms: Tensor, norm_type: float) -> Tensor:
@@ -238,28 +249,72 @@ def total_norm(
         return _mixed_total(tensors, norm_type, foreach, None)
     first = tensors[0].device
     if math.isinf(norm_type):
-        # torch cannot take the max of an empty tensor (no identity), so drop zero-size
-        # tensors: they hold no entry. (For p < inf they stay, to keep torch's summation
-        # order and its exact bits.)
-        tensors = [t for t in tensors if t.numel() > 0]
-        if not tensors:
-            return torch.zeros((), device=first)
-    norms: list[Tensor] = []
+        norms = inf_norms(tensors, foreach, uniform)
+        return D.global_value(reduce_norms(norms, norm_type))
+    if uniform:  # one device and dtype: torch's arithmetic without the grouping
+        norms = _uniform_norms(list(tensors), norm_type, foreach)
+        return D.global_value(reduce_norms(norms, norm_type))
+    parts: list[Tensor] = []
     devices = set()
-    if uniform:
-        groups = [(first, list(tensors))]
-    else:
-        groups = [(d, members) for d, members, _ in group_by_device_and_dtype(tensors)]
-    for device, members in groups:
+    for device, members, _ in group_by_device_and_dtype(tensors):
         devices.add(device)
-        # uniform tensors share one type too: checking the first stands for all
-        if use_foreach(members[:1] if uniform else members, device, foreach):
-            norms.extend(torch._foreach_norm(members, norm_type))
+        if use_foreach(members, device, foreach):
+            parts.extend(torch._foreach_norm(members, norm_type))
         else:
-            norms.extend(torch.linalg.vector_norm(t, norm_type) for t in members)
+            parts.extend(torch.linalg.vector_norm(t, norm_type) for t in members)
     if devices != {first}:  # .to(first) is a no-op otherwise, but costs per tensor
-        norms = [n.to(first) for n in norms]
-    return D.global_value(reduce_norms(torch.stack(norms), norm_type))
+        parts = [n.to(first) for n in parts]
+    return D.global_value(reduce_norms(torch.stack(parts), norm_type))
+
+
+#: From this size on a tensor's largest absolute entry comes from ``aminmax`` (no copy);
+#: smaller ones from ``_foreach_max`` of ``_foreach_abs``. torch's CPU inf-norm
+#: (``vector_norm``, ``_foreach_norm``) is not vectorised: 35 ms against 6.6 ms on 25M
+#: float32 entries, 70 against 24 us on twelve 64 x 64 tensors (one thread, measured).
+#: The maximum is exact, so the results are the same.
+_AMINMAX_NUMEL = 1 << 16
+
+
+def inf_norms(
+    tensors: Sequence[Tensor], foreach: bool | None, uniform: bool = False
+) -> Tensor:
+    """The largest absolute entry of each tensor (0 for an empty one), in order.
+
+    torch has no inf-norm of an empty tensor (a max has no identity); NaN propagates.
+    ``uniform``: one device and dtype, known to the caller.
+    """
+    first = tensors[0].device
+    plain = set(map(type, tensors)) <= _PLAIN and not torch.compiler.is_compiling()
+    if uniform and plain and use_foreach(list(tensors[:1]), first, foreach):
+        sizes = [t.numel() for t in tensors]
+        if min(sizes) > 0 and max(sizes) < _AMINMAX_NUMEL:  # the common small case
+            return torch.stack(torch._foreach_max(torch._foreach_abs(list(tensors))))
+    out: list[Tensor | None] = [None] * len(tensors)
+    small: list[int] = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            out[i] = t.new_zeros((), device=first) if type(t) in _PLAIN else None
+        elif t.numel() >= _AMINMAX_NUMEL and type(t) in _PLAIN:
+            low, high = torch.aminmax(t)
+            out[i] = torch.maximum(high, low.neg())
+        else:
+            small.append(i)
+    if small:
+        members = [tensors[i] for i in small]
+        for device, group, positions in group_by_device_and_dtype(members):
+            fast = type(group[0]) in _PLAIN and not torch.compiler.is_compiling()
+            if use_foreach(group, device, foreach) and fast:  # (dynamo lacks _foreach_max)
+                norms = list(torch._foreach_max(torch._foreach_abs(group)))
+            elif use_foreach(group, device, foreach):
+                norms = list(torch._foreach_norm(group, math.inf))
+            else:
+                norms = [torch.linalg.vector_norm(t, math.inf) for t in group]
+            for k, n in zip(positions, norms, strict=True):
+                out[small[k]] = n
+    kept = [n if n is not None else torch.zeros((), device=first) for n in out]
+    if not uniform:
+        kept = [D.global_value(n).to(first) for n in kept]
+    return torch.stack(kept)
 
 
 def _mixed_total(
@@ -317,12 +372,10 @@ def tensor_norms(
         return torch.stack(ordered)
     first = tensors[0].device
     out: list[Tensor | None] = [None] * len(tensors)
+    if math.isinf(norm_type):
+        return inf_norms(tensors, foreach)
     for device, members, positions in group_by_device_and_dtype(tensors):
-        if math.isinf(norm_type):
-            norms = [
-                t.abs().amax() if t.numel() else t.new_zeros(()) for t in members
-            ]  # torch has no inf-norm of an empty tensor
-        elif use_foreach(members, device, foreach):
+        if use_foreach(members, device, foreach):
             norms = list(torch._foreach_norm(members, norm_type))
         else:
             norms = [torch.linalg.vector_norm(t, norm_type) for t in members]

@@ -184,6 +184,9 @@ class ClippedOptimizer(DelegatingOptimizer):
         handover = self.clipper.clip(*read_handed(self))
         if handover is None:
             return None  # skipped, decided on the host
+        if handover.grad_scale is None and handover.found_inf is None:  # nothing handed
+            self.optimizer.step()
+            return None
         saved = hand_over(self.optimizer, *handover)
         try:
             self.optimizer.step()

@@ -150,7 +150,8 @@ class ClipResult(NamedTuple):
     """What a strategy decided at one step; the statistics are 0-dim tensors.
 
     Attributes:
-        threshold: The threshold that applied at this step.
+        threshold: The threshold that applied at this step (a Python float is fine: the
+            engine makes a tensor of it only when the statistics are read).
         coef: The overall factor: the post-clip statistic over the pre-clip one (1 when
             nothing was clipped).
         clipped: Bool tensor, True when clipping changes the gradients.
@@ -158,7 +159,7 @@ class ClipResult(NamedTuple):
             needs to change.
     """
 
-    threshold: Tensor
+    threshold: Tensor | float
     coef: Tensor
     clipped: Tensor
     factors: tuple[Factor, ...] = ()

@@ -458,7 +458,7 @@ def test_process_group_with_ranks_holding_different_tensors(tmp_path):
 # Repeated small shapes (their norms are batched: NormBatches) and large tensors (a dot
 # product where torch's bits are not promised), split evenly over the ranks: the ranks'
 # per-tensor norms are reduced element by element, so they hold as many tensors each.
-GROUP_SHAPES = [(5, 4), (7,), (3, 3), (6,)] * 5 + [(300, 300), (200, 400)]
+GROUP_SHAPES = [(5, 4), (7,), (3, 3), (6,)] * 40 + [(300, 300), (200, 400)]
 
 
 def _group_worker(rank):

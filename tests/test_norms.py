@@ -42,7 +42,7 @@ def small_layouts(draw):
 
 @given(tensors=small_layouts(), norm_type=st.sampled_from(NORM_TYPES))
 def test_norm_batches_give_the_same_bits(tensors, norm_type):
-    batches = N.NormPlan(tensors)
+    batches = N.NormPlan(tensors, min_count=4)
     got = N.tensor_norms(tensors, norm_type, plan=batches)
     want = F.tensor_norms(tensors, norm_type)
     assert torch.equal(got, want)
@@ -58,8 +58,10 @@ def test_norm_batches_give_the_same_bits(tensors, norm_type):
 
 def test_norm_batches_batch_only_what_pays():
     repeated = [torch.randn(8, 8) for _ in range(10)]
-    assert N.NormPlan(repeated).active
-    assert not N.NormPlan(repeated[:3]).active  # too few of one shape
+    assert N.NormPlan(repeated, min_count=4).active
+    assert not N.NormPlan(repeated).active  # 10 of a shape: not worth stacking
+    assert N.NormPlan(repeated * 2).active  # 20 are
+    assert not N.NormPlan(repeated[:3], min_count=4).active  # too few of one shape
     assert not N.NormPlan([torch.randn(4096) for _ in range(10)]).active  # too big
     assert not N.NormPlan([torch.randn(8, 8).t() for _ in range(10)]).active
     mixed = [*repeated, torch.randn(8, 8, dtype=torch.float64)]
@@ -70,7 +72,7 @@ def test_norm_batches_batch_only_what_pays():
 
 def test_norm_batches_ignored_where_they_do_not_apply():
     tensors = [torch.randn(8) for _ in range(10)]
-    batches = N.NormPlan(tensors)
+    batches = N.NormPlan(tensors, min_count=4)
     assert batches.applies(tensors)
     assert not batches.applies(tensors[:9])  # another layout: the plain path
     assert torch.equal(N.total_norm(tensors[:9], plan=batches), F.total_norm(tensors[:9]))
@@ -83,7 +85,7 @@ def test_norm_batches_keep_nonfinite_entries():
     tensors = [torch.randn(8) for _ in range(10)]
     tensors[3][2] = math.nan
     tensors[7][0] = math.inf
-    norms = N.tensor_norms(tensors, plan=N.NormPlan(tensors))
+    norms = N.tensor_norms(tensors, plan=N.NormPlan(tensors, min_count=4))
     assert math.isnan(norms[3])
     assert math.isinf(norms[7])
     assert torch.isfinite(norms[[0, 1, 2, 4, 5, 6, 8, 9]]).all()
@@ -147,7 +149,7 @@ def test_dot_norms_keep_nonfinite_and_overflow():
 
 def test_dot_norms_only_for_p2_and_not_when_exact():
     tensors = [torch.randn(1 << 16) for _ in range(2)]
-    assert not N.NormPlan(tensors).active  # exact: nothing to batch
+    assert not N.NormPlan(tensors, min_count=4).active  # exact: nothing to batch
     fast = N.NormPlan(tensors, exact=False)
     assert fast.active
     for p in (1.0, 3.0, math.inf):  # other norms keep torch's kernels and bits
@@ -180,3 +182,18 @@ def test_stacking_a_chunk_at_a_time_gives_the_same_bits(
             torch.stack(tensors), norm_type, dim=dims, keepdim=True
         )
         assert torch.equal(N.stacked_norms(tensors, norm_type, dims, True, scratch), rows)
+
+
+@pytest.mark.parametrize("poison", [None, math.nan, math.inf, -math.inf])
+def test_inf_norms_of_large_tensors_equal_torch(poison):
+    """Large tensors take their largest entry from aminmax: the same values as torch."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(70_000, generator=g), torch.randn(3), torch.empty(0)]
+    tensors.append(-5.0 * torch.rand(100_000, generator=g))  # the largest is negative
+    if poison is not None:
+        tensors[0][123] = poison
+    got = N.inf_norms(tensors, None)
+    want = [torch.linalg.vector_norm(t, math.inf) if t.numel() else 0.0 for t in tensors]
+    torch.testing.assert_close(got, torch.tensor(want), rtol=0, atol=0, equal_nan=True)
+    total = N.total_norm(tensors, math.inf)
+    torch.testing.assert_close(total, got.amax(), rtol=0, atol=0, equal_nan=True)

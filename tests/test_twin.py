@@ -30,14 +30,29 @@ STRATEGIES = {
 }
 
 
+class _Branches(torch.nn.Module):
+    """17 parallel same-shaped layers, summed: enough small tensors to stack."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.inner = torch.nn.ModuleList(
+            torch.nn.Linear(5, 5, bias=bias) for _ in range(17)
+        )
+
+    def forward(self, x):
+        return sum(torch.tanh(layer(x)) for layer in self.inner)
+
+
 def _deep_model(cls, dtype):
     """Many same-shaped small tensors: the wrapper batches their norms (NormPlan)."""
     bias = cls is not torch.optim.Muon
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(6, 5, bias=bias), torch.nn.Tanh()]
-    for _ in range(5):
-        layers += [torch.nn.Linear(5, 5, bias=bias), torch.nn.Tanh()]
-    return torch.nn.Sequential(*layers, torch.nn.Linear(5, 3, bias=bias)).to(dtype)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 5, bias=bias),
+        torch.nn.Tanh(),
+        _Branches(bias),
+        torch.nn.Linear(5, 3, bias=bias),
+    ).to(dtype)
 
 
 def _twin_run(cls, kwargs, strategy, dtype, steps=6, model=make_model):

@@ -116,11 +116,11 @@ class NormClip(ClipStrategy):
         """Scale by ``min(1, max_norm / (norm + 1e-6))``, per scope."""
         max_norm = threshold_at("max_norm", self.max_norm, inputs.step)
         norm = measured.norm
-        threshold = torch.full_like(norm, max_norm)
         if self.scope == "global":
             coef = below(norm, max_norm)
             factors = () if math.isinf(max_norm) else (Scale(coef),)
-            return ClipResult(threshold, coef, coef < 1.0, factors)
+            return ClipResult(max_norm, coef, coef < 1.0, factors)
+        threshold = torch.full_like(norm, max_norm)
         per: PerTensorNorms = measured.parts
         if self.scope == "tensor":
             coefs = below(per.norms, max_norm)

@@ -118,29 +118,17 @@ class PercentileClip(TensorState):
     def clip(
         self, inputs: ClipInputs, measured: Measurement, skip: Tensor | None = None
     ) -> ClipResult:
-        """Record the norm, then clip to the percentile of the window."""
+        """Record the norm, then clip to the percentile of the window.
+
+        The ring buffer and the sorted window change by one entry each: the history in
+        place (``state_dict`` hands out copies), the sorted window by one gather.
+        """
         norm = measured.norm
         state = self._state_on(norm)
         history, count = state["history"], state["count"]
         ordered = self._window_sorted(history)
         record = recordable(norm, skip)
-        n = norm.to(history.dtype)
-        slots = torch.arange(self.window, device=norm.device)
-        slot = torch.remainder(count, self.window)
-        evicted = history.gather(0, slot.reshape(1)).nan_to_num(nan=math.inf)
-        inf = ordered.new_full((), math.inf)
-        last = self.window - 1
-        # Evict the value the ring overwrites (an inf while the window fills): the rank of
-        # a value in the sorted window is the count of smaller entries, and the entries
-        # after it shift one rank down (gathers, which every device runs) ...
-        at = (ordered < evicted).sum()
-        left = ordered.gather(0, (slots + 1).clamp(max=last))
-        shrunk = torch.where(slots >= at, torch.where(slots == last, inf, left), ordered)
-        # ... then insert the new norm at its rank, the entries after it one rank up.
-        at = (shrunk < n).sum()
-        right = shrunk.gather(0, (slots - 1).clamp(min=0))
-        grown = torch.where(slots < at, shrunk, torch.where(slots == at, n, right))
-        new_ordered = torch.where(record, grown, ordered)
+        new_ordered = _evict_and_insert(history, ordered, count, norm, record)
         new_count = count + record.to(count.dtype)
         if self.include_current:
             window, valid = new_ordered, new_count
@@ -149,8 +137,34 @@ class PercentileClip(TensorState):
         threshold = F.percentile_sorted(
             window, valid.clamp(max=self.window), self.percentile
         ).to(norm.dtype)
-        state["history"] = torch.where((slots == slot) & record, n, history)
         state["count"] = new_count
         self._sorted = new_ordered
         coef = F.clip_coef(norm, threshold)
         return ClipResult(threshold, coef, coef < 1.0, (Scale(coef),))
+
+
+def _evict_and_insert(
+    history: Tensor, ordered: Tensor, count: Tensor, norm: Tensor, record: Tensor
+) -> Tensor:
+    """Write ``norm`` over the ring's oldest entry; return the window sorted anew.
+
+    The ranks of the evicted value and of the new one come from binary searches; the
+    entries between them move one rank towards the evicted one (a single gather), and
+    the new value takes its rank. Where ``record`` is False nothing changes. All of it
+    is tensor code: no host read.
+    """
+    w = history.numel()
+    slots = torch.arange(w, device=history.device)
+    slot = torch.remainder(count, w).reshape(1)
+    n = norm.to(history.dtype).reshape(1)
+    evicted = history.gather(0, slot).nan_to_num(nan=math.inf)  # inf while filling
+    e = torch.searchsorted(ordered, evicted)
+    i = (torch.searchsorted(ordered, n) - (evicted < n).to(e.dtype)).clamp(0, w - 1)
+    down = e > i  # the new value ranks below the evicted one: entries move up a rank
+    lo = torch.where(down, i + 1, e)
+    hi = torch.where(record, torch.where(down, e, i - 1), -1)  # -1: nothing moves
+    neighbour = ordered.gather(0, (slots + torch.where(down, -1, 1)).clamp_(0, w - 1))
+    new = torch.where((slots >= lo) & (slots <= hi), neighbour, ordered)
+    new.scatter_(0, i, torch.where(record, n, new.gather(0, i)))
+    history.scatter_(0, slot, torch.where(record, n, history.gather(0, slot)))
+    return new

@@ -94,13 +94,13 @@ class ValueClip(ClipStrategy):
         """Clamp the gradients to ``[-clip_value, clip_value]`` (per group's limit)."""
         clip_value = threshold_at("clip_value", self.clip_value, inputs.step)
         norm = measured.norm
-        threshold = torch.full_like(norm, clip_value)
         if self.scope == "global":
             if math.isinf(clip_value):
                 one = torch.ones_like(norm)
-                return ClipResult(threshold, one, one < 1.0)
+                return ClipResult(clip_value, one, one < 1.0)
             coef = torch.clamp(clip_value / norm, max=1.0)
-            return ClipResult(threshold, coef, norm > clip_value, (Clamp(clip_value),))
+            return ClipResult(clip_value, coef, norm > clip_value, (Clamp(clip_value),))
+        threshold = torch.full_like(norm, clip_value)
         per: PerTensorNorms = measured.parts
         maxima = per.norms.unbind()
         spans = None if per.everywhere is None else group_spans(inputs)
