@@ -53,6 +53,7 @@ from ._registry import (  # noqa: E402
     get_strategy,
     register_strategy,
 )
+from ._spikes import SpikeSkip  # noqa: E402
 from ._stats import StatsHistory, StatsLogger, log_stats  # noqa: E402
 from .integrations import check_double_clipping  # noqa: E402
 from .strategies import (  # noqa: E402
@@ -90,6 +91,7 @@ __all__ = [
     "PercentileClip",
     "Scale",
     "ScaleEach",
+    "SpikeSkip",
     "StatsHistory",
     "StatsLogger",
     "ValueClip",

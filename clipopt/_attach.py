@@ -13,6 +13,7 @@ from ._engine import STATE_KEY, Clipper, NonfinitePolicy
 from ._optimizer import ClippedOptimizer
 from ._ownership import claim, release
 from ._protocol import ClipStats, ClipStrategy
+from ._spikes import SpikeSkip
 from ._torch_private import hand_over, read_handed, take_back
 
 __all__ = ["Attachment", "attach"]
@@ -67,6 +68,10 @@ class Attachment:
     def counts(self) -> dict[str, int]:
         """The running counts (see :meth:`clipopt.Clipper.counts`)."""
         return self.clipper.counts()
+
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Give the next ``step()``'s loss to the spike gate (``skip_spikes``)."""
+        self.clipper.observe_loss(loss)
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # torch passes step()'s own arguments, the optimizer first
@@ -150,6 +155,7 @@ def attach(
     *,
     nonfinite: NonfinitePolicy = "skip",
     process_group: Any = None,
+    skip_spikes: bool | SpikeSkip = False,
     **strategy_kwargs: Any,
 ) -> Attachment:
     """Make an optimizer clip in its own ``step()``, keeping the optimizer object.
@@ -169,6 +175,8 @@ def attach(
         strategy: As for :class:`clipopt.ClippedOptimizer`.
         nonfinite: As for :class:`clipopt.ClippedOptimizer`.
         process_group: As for :class:`clipopt.ClippedOptimizer`.
+        skip_spikes: As for :class:`clipopt.ClippedOptimizer`; give each step's loss
+            with ``attachment.observe_loss(loss)`` before ``step()``.
         **strategy_kwargs: The strategy's parameters, when ``strategy`` is a name.
 
     Returns:
@@ -201,6 +209,7 @@ def attach(
         strategy,
         nonfinite=nonfinite,
         process_group=process_group,
+        skip_spikes=skip_spikes,
         strategy_kwargs=strategy_kwargs,
     )
     return Attachment(optimizer, clipper)

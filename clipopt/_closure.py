@@ -101,6 +101,8 @@ def step_with_closure(
         with torch.enable_grad():
             loss = closure()
         evaluations += 1
+        if clipper.spikes is not None and evaluations == 1:
+            clipper.observe_loss(loss)  # the step's loss, for the spike gate
         handover = clipper.clip()
         if handover is None:
             raise _SkipStep(loss)

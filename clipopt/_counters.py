@@ -105,11 +105,13 @@ class Counters:
         raw: Raw,
         skip: Tensor | None,
         overflow: Flag | None,
+        spike: Flag | None = None,
     ) -> None:
         """Count a step whose factors were applied (``skip``: the kernel may skip it).
 
         ``raw`` holds the strategy's statistics; where ``skip`` is True (a device flag)
-        they become those of a skipped step.
+        they become those of a skipped step: for non-finite gradients, a GradScaler
+        overflow, or a ``spike`` (in that order of precedence).
         """
         norm, threshold, coef, clipped, nonfinite, _ = raw
         if skip is None:
@@ -121,10 +123,13 @@ class Counters:
         over = _tensor(False if overflow is None else overflow, norm)
         bad = _tensor(nonfinite, norm)
         clipped = _tensor(clipped, norm) & kept
+        fine = torch.logical_not(over) & torch.logical_not(bad)
         self._add("skipped_steps", skip & torch.logical_not(over) & bad)
         self._add("clipped_steps", clipped)
         self._add("nonfinite_steps", bad & torch.logical_not(over))
         self._add("overflow_steps", over)
+        if spike is not None:
+            self._add("spike_steps", skip & fine & _tensor(spike, norm))
         threshold = torch.where(skip, math.nan, _tensor(threshold, norm))
         coef = torch.where(skip, 0.0, _tensor(coef, norm))
         self._publish(step, (norm, threshold, coef, clipped, bad, skip))

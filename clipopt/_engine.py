@@ -35,6 +35,7 @@ from ._counters import COUNTERS, Counters, Flag
 from ._layout import Gradients
 from ._protocol import ClipInputs, ClipResult, ClipStats, ClipStrategy, Measurement, Scale
 from ._registry import get_strategy
+from ._spikes import Parts, SpikeSkip, spike_of
 from ._torch_private import fused_kernel, kernel_skip_is_safe
 
 __all__ = ["STATE_KEY", "Clipper", "Handover", "NonfinitePolicy"]
@@ -101,9 +102,18 @@ class Clipper:
         *,
         nonfinite: NonfinitePolicy = "skip",
         process_group: Any = None,
+        skip_spikes: bool | SpikeSkip = False,
         strategy_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.strategy = build_strategy(strategy, strategy_kwargs or {})
+        if not isinstance(skip_spikes, bool | SpikeSkip):
+            raise TypeError(
+                "skip_spikes must be True, False or a clipopt.SpikeSkip, "
+                f"got {skip_spikes!r}"
+            )
+        #: The spike gate (:class:`clipopt.SpikeSkip`), or None.
+        self.spikes = SpikeSkip() if skip_spikes is True else skip_spikes or None
+        self._loss: Tensor | None = None
         if not isinstance(nonfinite, str) or nonfinite not in POLICIES:
             raise ValueError(
                 f"nonfinite must be one of {', '.join(map(repr, POLICIES))}, "
@@ -169,16 +179,28 @@ class Clipper:
         measured, nonfinite = self._measure(inputs, scale if one_pass else None)
         norm = measured.norm
         overflow = None if found_inf is None else _known(found_inf.reshape(()) > 0)
+        loss, self._loss = self._loss, None
+        spike: Flag | None = None
+        if self.spikes is not None:
+            spike_flag, parts = spike_of(self.spikes, norm, loss)
+            spike = _known(spike_flag)
         step = self._counters.calls
         skip: Tensor | None = None
         if self._kernel_decides(fused, inputs, norm):
             terms = [nonfinite] if self.nonfinite == "skip" else []
-            terms += [] if overflow is None else [overflow]
+            terms += [t for t in (overflow, spike) if t is not None]
             for term in terms:  # device flags on this path
                 assert isinstance(term, Tensor)
                 skip = term if skip is None else skip | term.to(skip.device)
-        elif self.nonfinite in ("skip", "error") or overflow is not None:
-            reason, nonfinite = self._host_decision(norm, nonfinite, overflow)
+            if self.spikes is not None:  # skipped for another reason: nothing recorded
+                other = _any(terms[: len(terms) - 1], norm)
+                self._record_spikes(parts, torch.logical_not(other))
+        elif (
+            self.nonfinite in ("skip", "error") or overflow is not None or spike is not None
+        ):
+            reason, nonfinite = self._host_decision(norm, nonfinite, overflow, spike)
+            if self.spikes is not None and reason in (None, "spike"):
+                self._record_spikes(parts, norm.new_ones((), dtype=torch.bool))
             if reason is not None:
                 self._counters.skipped_on_host(step, norm, nonfinite, reason)
                 return None
@@ -191,7 +213,7 @@ class Clipper:
         )
         found = None if skip is None else skip.to(torch.float32)
         raw = (norm, result.threshold, result.coef, clipped, nonfinite, False)
-        self._counters.stepped(step, raw, skip, overflow)
+        self._counters.stepped(step, raw, skip, overflow, spike)
         return Handover(handover, found)
 
     def _kernel_decides(self, fused: bool, inputs: ClipInputs, norm: Tensor) -> bool:
@@ -209,8 +231,22 @@ class Clipper:
             and kernel_skip_is_safe(self.optimizer, inputs.params, inputs.group_index)
         )
 
+    def _record_spikes(self, parts: Parts, keep: Tensor) -> None:
+        assert self.spikes is not None
+        for name, value, outlier in parts:
+            self.spikes.record(name, value, outlier, keep)
+
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Give the next step's loss to the spike gate (``skip_spikes``)."""
+        if self.spikes is None:
+            raise RuntimeError(
+                "observe_loss() feeds the spike gate: pass skip_spikes=True (or a "
+                "clipopt.SpikeSkip) to track losses"
+            )
+        self._loss = torch.as_tensor(loss).detach()
+
     def _host_decision(
-        self, norm: Tensor, nonfinite: Flag, overflow: Flag | None
+        self, norm: Tensor, nonfinite: Flag, overflow: Flag | None, spike: Flag | None
     ) -> tuple[str | None, bool]:
         """Read the flags (once); return why the step is skipped (or None), and ``bad``.
 
@@ -218,13 +254,12 @@ class Clipper:
             RuntimeError: Non-finite gradients under ``"error"`` (not an overflow that
                 GradScaler handles).
         """
-        if isinstance(nonfinite, bool) and not isinstance(overflow, Tensor):
-            bad, over = nonfinite, bool(overflow)  # known on the host already
-        else:
-            flags = [nonfinite, False if overflow is None else overflow]
+        flags = [nonfinite, bool(overflow is not None and overflow), spike or False]
+        if any(isinstance(f, Tensor) for f in flags):
             device = next(f.device for f in flags if isinstance(f, Tensor))
             read = torch.stack([torch.as_tensor(f, device=device) for f in flags])
-            bad, over = (bool(v) for v in read.tolist())
+            flags = [bool(v) for v in read.tolist()]
+        bad, over, spiked = (bool(f) for f in flags)
         if over:
             return "overflow", bad  # GradScaler's business: it backs off, never an error
         if bad and self.nonfinite == "error":
@@ -234,6 +269,8 @@ class Clipper:
             )
         if bad and self.nonfinite == "skip":
             return "nonfinite", bad
+        if spiked:
+            return "spike", bad
         return None, bad
 
     def _measure(
@@ -347,11 +384,14 @@ class Clipper:
 
     def state_dict(self) -> dict[str, Any]:
         """Clipopt's own state: the strategy's state and the counts (weights_only-safe)."""
-        return {
+        state = {
             "version": _STATE_VERSION,
             "strategy": self.strategy.state_dict(),
             **self._counters.state_dict(),
         }
+        if self.spikes is not None:
+            state["spikes"] = self.spikes.state_dict()
+        return state
 
     def check_state_dict(self, state: Any) -> None:
         """Raise ``ValueError`` if ``state`` would not load; change and copy nothing."""
@@ -370,6 +410,8 @@ class Clipper:
         if missing:
             raise ValueError(f"state_dict[{STATE_KEY!r}] lacks {', '.join(missing)}")
         self.strategy.check_state_dict(state["strategy"])
+        if self.spikes is not None:
+            self.spikes.check_state_dict(state.get("spikes", {}))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s result (version 1 too); check it all first.
@@ -379,11 +421,15 @@ class Clipper:
         """
         self.check_state_dict(state)
         self.strategy.load_state_dict(state["strategy"])
+        if self.spikes is not None:
+            self.spikes.load_state_dict(state.get("spikes", {}))
         self._counters.load_state_dict(state)
 
     def reset(self) -> None:
-        """Forget the strategy's state and the counts."""
+        """Forget the strategy's state, the spike gate's and the counts."""
         self.strategy.reset()
+        if self.spikes is not None:
+            self.spikes.reset()
         self._counters.reset()
 
 
@@ -392,6 +438,14 @@ def _nonfinite(norm: Tensor) -> Flag:
     if host_readable(norm):
         return not math.isfinite(norm.item())
     return torch.logical_not(torch.isfinite(norm))
+
+
+def _any(flags: list[Flag], like: Tensor) -> Tensor:
+    """OR of device flags (False for none)."""
+    out = torch.zeros_like(like, dtype=torch.bool)
+    for flag in flags:
+        out = out | torch.as_tensor(flag, device=like.device)
+    return out
 
 
 def _known(flag: Tensor) -> Flag:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 import torch
+from torch import Tensor
 
 from ._closure import step_with_closure
 from ._distributed import warn_if_fsdp1_without_group
@@ -14,6 +15,7 @@ from ._engine import STATE_KEY, Clipper, NonfinitePolicy
 from ._ownership import claim, release
 from ._protocol import ClipStats, ClipStrategy
 from ._shell import DelegatingOptimizer
+from ._spikes import SpikeSkip
 from ._torch_private import finish_optimizer, hand_over, mark_hooked, read_handed, take_back
 
 __all__ = ["ClippedOptimizer"]
@@ -60,6 +62,9 @@ class ClippedOptimizer(DelegatingOptimizer):
             gradients, as with FSDP1's ``use_orig_params=True``). Not needed for DDP
             (gradients are already all-reduced) nor for FSDP2/DTensor (DTensor's
             collectives apply).
+        skip_spikes: Skip an update whose gradient norm (or loss, given to ``step``) is
+            an outlier against recent steps: True for OLMo's rule and defaults, or a
+            :class:`clipopt.SpikeSkip`; False (default) does not.
         **strategy_kwargs: The strategy's parameters, when ``strategy`` is a name.
 
     Attributes:
@@ -97,6 +102,7 @@ class ClippedOptimizer(DelegatingOptimizer):
         *,
         nonfinite: NonfinitePolicy = "skip",
         process_group: Any = None,
+        skip_spikes: bool | SpikeSkip = False,
         **strategy_kwargs: Any,
     ) -> None:
         if isinstance(optimizer, ClippedOptimizer):
@@ -113,6 +119,7 @@ class ClippedOptimizer(DelegatingOptimizer):
             strategy,
             nonfinite=nonfinite,
             process_group=process_group,
+            skip_spikes=skip_spikes,
             strategy_kwargs=strategy_kwargs,
         )
         claim(optimizer, self, "ClippedOptimizer")
@@ -163,22 +170,33 @@ class ClippedOptimizer(DelegatingOptimizer):
     # -- stepping ------------------------------------------------------------------------
 
     @overload
-    def step(self, closure: None = None) -> None: ...
+    def step(self, closure: None = None, *, loss: Tensor | float | None = None) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
+    def step(
+        self, closure: Callable[[], float], *, loss: Tensor | float | None = None
+    ) -> float: ...
 
     @mark_hooked  # hooks registered here run once, through the wrapped optimizer
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        loss: Tensor | float | None = None,
+    ) -> float | None:
         """Clip the gradients, then step the wrapped optimizer.
 
         Args:
             closure: Re-evaluates the model and returns the loss; clipping runs after
                 every evaluation.
+            loss: This step's loss, for the spike gate (``skip_spikes``); a closure's
+                loss is used without it. ``scaler.step(opt, loss=loss)`` passes it on.
 
         Returns:
             The closure's loss, or None without a closure.
         """
+        if loss is not None:
+            self.clipper.observe_loss(loss)
         if closure is not None:
             return step_with_closure(self.optimizer, self.clipper, closure)
         handover = self.clipper.clip(*read_handed(self))

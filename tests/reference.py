@@ -170,3 +170,38 @@ class AdaGCReference:
                 m = self.clip_ratio * gamma
             self.gamma[i] = self.beta * gamma + (1 - self.beta) * m
         return n
+
+
+class SpikeSkipReference:
+    """OLMo-core's step-skipping rule (``SkipStepOptimizer.get_step_factor``): a value
+    whose distance to the mean of the previous window is more than ``sigma`` (sample)
+    standard deviations is an outlier, once ``min_samples`` values are known. With
+    clipopt's two guards: outliers stay out of the window except the ``patience``-th in
+    a row, and a window without spread calls nothing an outlier. Plain Python floats."""
+
+    def __init__(self, sigma=6.0, window=128, min_samples=64, patience=3):
+        self.sigma, self.window, self.min_samples = sigma, window, min_samples
+        self.patience = patience
+        self.values = {"norm": [], "loss": []}
+        self.run = {"norm": 0, "loss": 0}
+
+    def _outlier(self, name, x):
+        seen = self.values[name][-self.window :]
+        if len(seen) < self.min_samples or not math.isfinite(x):
+            return False
+        mean = sum(seen) / len(seen)
+        std = math.sqrt(sum((v - mean) ** 2 for v in seen) / (len(seen) - 1))
+        return std > 0 and abs(x - mean) / std > self.sigma
+
+    def step(self, norm, loss=None, other_skip=False):
+        """Return whether the step is skipped as a spike, and record the values."""
+        series = [("norm", norm)] + ([] if loss is None else [("loss", loss)])
+        outliers = {name: self._outlier(name, x) for name, x in series}
+        if not other_skip:
+            for name, x in series:
+                run = self.run[name] + 1 if outliers[name] else 0
+                admitted = not outliers[name] or run >= self.patience
+                if admitted and math.isfinite(x):
+                    self.values[name].append(x)
+                self.run[name] = 0 if admitted else run
+        return any(outliers.values())

@@ -33,6 +33,7 @@ EXPECTED = {
     "Scale",
     "ScaleEach",
     "Clamp",
+    "SpikeSkip",
     "strategies",
     "NonfinitePolicy",
     "NormClip",
