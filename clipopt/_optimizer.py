@@ -16,7 +16,15 @@ from ._ownership import claim, release
 from ._protocol import ClipStats, ClipStrategy
 from ._shell import DelegatingOptimizer
 from ._spikes import SpikeSkip
-from ._torch_private import finish_optimizer, hand_over, mark_hooked, read_handed, take_back
+from ._torch_private import (
+    calling_gradscaler,
+    finish_optimizer,
+    hand_over,
+    mark_hooked,
+    read_handed,
+    take_back,
+    unscaled,
+)
 
 __all__ = ["ClippedOptimizer"]
 
@@ -195,6 +203,13 @@ class ClippedOptimizer(DelegatingOptimizer):
         Returns:
             The closure's loss, or None without a closure.
         """
+        scaler = calling_gradscaler()
+        if scaler is not None and unscaled(scaler, self.optimizer):
+            raise RuntimeError(
+                "GradScaler unscaled the wrapped optimizer (scaler.unscale_(opt.optimizer))"
+                " and then the wrapper it steps again: the gradients are too small by the "
+                "scale. Call scaler.unscale_(opt) on the ClippedOptimizer itself"
+            )
         if loss is not None:
             self.clipper.observe_loss(loss)
         if closure is not None:

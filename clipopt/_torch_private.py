@@ -20,10 +20,16 @@ reads a private attribute; add new touchpoints here, with a test.
    optimizer.
 4. DTensor and FSDP1 detection by type name, so that importing clipopt never imports
    ``torch.distributed`` submodules.
+5. GradScaler's bookkeeping: ``GradScaler.step`` (fused optimizers) and
+   ``GradScaler._maybe_opt_step`` (the others) call ``optimizer.step()``, and
+   ``GradScaler._per_optimizer_states[id(optimizer)]["stage"]`` is ``OptState.UNSCALED``
+   after ``unscale_(optimizer)``. The wrapper reads them to report ``unscale_`` called
+   on the wrapped optimizer instead of the wrapper.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +43,7 @@ from torch.utils._foreach_utils import (
 
 __all__ = [
     "FUSED_ATTRIBUTES",
+    "calling_gradscaler",
     "finish_optimizer",
     "fused_kernel",
     "group_by_device_and_dtype",
@@ -47,6 +54,7 @@ __all__ = [
     "mark_hooked",
     "read_handed",
     "take_back",
+    "unscaled",
     "use_foreach",
 ]
 
@@ -186,3 +194,31 @@ def is_dtensor(tensor: Tensor) -> bool:
 def is_flat_parameter(tensor: Tensor) -> bool:
     """Whether ``tensor`` is an FSDP1 ``FlatParameter`` (a shard of many parameters)."""
     return type(tensor).__name__ == "FlatParameter"
+
+
+# -- 5. GradScaler's bookkeeping ---------------------------------------------------------
+
+_SCALER_STEPS = (
+    torch.amp.GradScaler.step.__code__,
+    torch.amp.GradScaler._maybe_opt_step.__code__,
+)
+
+
+def calling_gradscaler(depth: int = 2) -> Any:
+    """The GradScaler whose ``step`` called the caller of this function's caller, or None.
+
+    Cheap when no scaler called: one frame lookup and two identity checks.
+    """
+    frame = sys._getframe(depth)
+    if frame.f_code in _SCALER_STEPS:
+        return frame.f_locals.get("self")
+    return None
+
+
+def unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` ran since the scaler's last update."""
+    from torch.amp.grad_scaler import OptState
+
+    states = getattr(scaler, "_per_optimizer_states", {})
+    state = states.get(id(optimizer)) if isinstance(states, dict) else None
+    return state is not None and state.get("stage") is OptState.UNSCALED

@@ -198,3 +198,24 @@ def test_clipping_a_hand_set_grad_scale_equals_unscaling_first():
         opt.step()
     for a, b in zip(scaled, model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_unscaling_the_wrapped_optimizer_is_reported(fused):
+    """scaler.unscale_(opt.optimizer), then scaler.step(opt), unscales twice."""
+    model = _model()
+    opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), fused=fused))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(loss_of(model, batches(1)[0])).backward()
+    scaler.unscale_(opt.optimizer)  # the wrong object
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"Call scaler.unscale_\(opt\) on the"):
+        scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # the right object: no error
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt.zero_grad()
+    scaler.scale(loss_of(model, batches(1)[0])).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    assert opt.counts()["steps"] == 1

@@ -120,3 +120,26 @@ def test_type_names_of_dtensor_and_flat_parameter():
     assert FlatParameter.__name__ == "FlatParameter", "FlatParameter was renamed"
     assert not P.is_dtensor(torch.ones(1))
     assert not P.is_flat_parameter(torch.nn.Parameter(torch.ones(1)))
+
+
+def test_gradscaler_steps_and_records_unscale_as_clipopt_reads_it():
+    """Item 5: the frames that call optimizer.step(), and the UNSCALED stage."""
+    seen = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.Adam([p], lr=0.1, fused=fused)
+        step = opt.step
+
+        def spy(*args, step=step, **kwargs):
+            seen.append(P.calling_gradscaler(depth=2))
+            return step(*args, **kwargs)
+
+        opt.step = spy
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        scaler.scale((p * 2).sum()).backward()
+        assert not P.unscaled(scaler, opt)
+        scaler.unscale_(opt)
+        assert P.unscaled(scaler, opt), "GradScaler's UNSCALED stage changed"
+        scaler.step(opt)
+        assert seen[-1] is scaler, "GradScaler's step frames changed"
+    assert P.calling_gradscaler(depth=1) is None
