@@ -2,8 +2,10 @@
 
 The Trainer keeps its own optimizer object (Accelerate wraps it), so attach mode fits:
 clipping runs in the optimizer's step hooks and its state rides in the optimizer's own
-state dict. Set ``max_grad_norm=0`` or the Trainer clips as well. (Passing a
-``ClippedOptimizer`` in ``optimizers=`` works too.)
+state dict. Set ``max_grad_norm=0`` or the Trainer clips as well:
+``clipopt.integrations.huggingface.install(trainer)`` warns at the start if it is on,
+and adds clipopt's statistics to the Trainer's logs. (Passing a ``ClippedOptimizer`` in
+``optimizers=`` works too.)
 
 Run: python examples/frameworks/hf_trainer_recipe.py
      (needs: pip install transformers accelerate)
@@ -17,6 +19,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import clipopt
+from clipopt.integrations import huggingface
 
 
 class Regressor(torch.nn.Module):
@@ -48,30 +51,31 @@ class Rows(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-def main(steps: int = 40) -> clipopt.Attachment:
+def main(steps: int = 40, max_grad_norm: float = 0.0, args_class=TrainingArguments):
     torch.manual_seed(0)
     model = Regressor()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     clipping = clipopt.attach(optimizer, "norm", max_norm=0.5)
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
+        args = args_class(
             output_dir=out,
             max_steps=steps,
             per_device_train_batch_size=16,
-            max_grad_norm=0.0,  # clipopt clips; the Trainer must not
+            logging_steps=5,
+            max_grad_norm=max_grad_norm,  # 0: clipopt clips, the Trainer must not
             report_to=[],
             save_strategy="no",
             use_cpu=True,
             disable_tqdm=True,
         )
-        clipopt.check_double_clipping(args)
         trainer = Trainer(
             model=model, args=args, train_dataset=Rows(), optimizers=(optimizer, None)
         )
+        huggingface.install(trainer)  # warns if the Trainer clips too; logs statistics
         trainer.train()
     counts = clipping.counts()
     print(f"clipped {counts['clipped_steps']} of {counts['steps']} steps")
-    return clipping
+    return clipping, trainer
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """PyTorch Lightning: return a ClippedOptimizer from configure_optimizers.
 
 Keep Lightning's own clipping off (``gradient_clip_val=None``, its default), or clipping
-happens twice. ``ClipStatsCallback`` logs clipopt's statistics through Lightning's logger.
+happens twice: ``clipopt.integrations.lightning.ClipoptCallback`` warns at the first step
+if it is on, and logs clipopt's statistics through Lightning's logger.
 
 Run: python examples/frameworks/lightning_recipe.py   (needs: pip install lightning)
 """
@@ -12,29 +13,7 @@ import lightning as L
 import torch
 
 import clipopt
-
-
-class ClipStatsCallback(L.Callback):
-    """Log clipopt's statistics (pre-clip norm, threshold, coef, clip rate)."""
-
-    def __init__(self, every: int = 50) -> None:
-        self.every = every
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        opt = trainer.optimizers[0]
-        if batch_idx % self.every or not isinstance(opt, clipopt.ClippedOptimizer):
-            return
-        if opt.last_stats is not None:  # one host read, on logging steps only
-            stats = opt.last_stats.to_dict()
-            counts = opt.counts()
-            pl_module.log_dict(
-                {
-                    "clip/norm": stats["norm"],
-                    "clip/threshold": stats["threshold"],
-                    "clip/coef": stats["coef"],
-                    "clip/rate": counts["clipped_steps"] / max(counts["steps"], 1),
-                }
-            )
+from clipopt.integrations.lightning import ClipoptCallback
 
 
 class Regressor(L.LightningModule):
@@ -54,7 +33,7 @@ class Regressor(L.LightningModule):
         )
 
 
-def main(steps: int = 40) -> clipopt.ClippedOptimizer:
+def main(steps: int = 40, clip_val: float | None = None, logger=False):
     torch.manual_seed(0)
     x = torch.randn(256, 8)
     y = x.sum(1, keepdim=True) * torch.where(torch.rand(256, 1) < 0.05, 50.0, 1.0)
@@ -65,18 +44,18 @@ def main(steps: int = 40) -> clipopt.ClippedOptimizer:
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="cpu",
-        gradient_clip_val=None,  # clipopt clips; Lightning must not
-        logger=False,
+        gradient_clip_val=clip_val,  # None: clipopt clips, Lightning must not
+        logger=logger,
+        log_every_n_steps=10,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ClipStatsCallback(every=10)],
+        callbacks=[ClipoptCallback(every=10)],
     )
-    clipopt.check_double_clipping(trainer)  # warns if Lightning would clip too
     trainer.fit(model, loader)
     opt = trainer.optimizers[0]
     print(f"clipped {opt.counts()['clipped_steps']} of {opt.counts()['steps']} steps")
-    return opt
+    return opt, trainer
 
 
 if __name__ == "__main__":
