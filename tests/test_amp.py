@@ -9,6 +9,7 @@ import torch
 import clipopt
 from clipopt import ClippedOptimizer
 from tests.conftest import batches, loss_of
+from tests.test_fused import _device_path
 from tests.test_optimizer import _model
 
 FUSED = [
@@ -142,12 +143,14 @@ def test_a_gradscaler_overflow_is_never_an_error_and_counts_alike(nonfinite):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _by_hand(strategy, grad_scale=None, found_inf=None, bare=False, steps=3):
+def _by_hand(
+    strategy, grad_scale=None, found_inf=None, bare=False, steps=3, nonfinite="skip"
+):
     """Set grad_scale/found_inf on the optimizer by hand, as torch's own tests do."""
     torch.manual_seed(0)
     model = _model()
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-    opt = inner if bare else ClippedOptimizer(inner, strategy)
+    opt = inner if bare else ClippedOptimizer(inner, strategy, nonfinite=nonfinite)
     for batch in batches(steps):
         opt.zero_grad()
         (4.0 * loss_of(model, batch)).backward()
@@ -168,13 +171,18 @@ NEVER = {
 }
 
 
+@pytest.mark.parametrize("device_path", [False, True], ids=["host", "kernel"])
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
 @pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "shape-1"])
 @pytest.mark.parametrize("name", list(NEVER))
-def test_grad_scale_and_found_inf_set_by_hand_act_as_on_the_bare_kernel(name, shape):
+def test_grad_scale_and_found_inf_set_by_hand_act_as_on_the_bare_kernel(
+    name, shape, nonfinite, device_path
+):
     """A wrapper that never clips behaves exactly as the bare fused optimizer."""
     scale = torch.full(shape, 4.0)
     for found in (torch.zeros(shape), torch.ones(shape)):
-        got, opt = _by_hand(NEVER[name](), scale, found)
+        with _device_path(device_path):
+            got, opt = _by_hand(NEVER[name](), scale, found, nonfinite=nonfinite)
         want, _ = _by_hand(None, scale, found, bare=True)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b), (name, float(found))
