@@ -62,6 +62,7 @@ from .strategies import (  # noqa: E402
     Chain,
     NormClip,
     PercentileClip,
+    RelativeClip,
     ValueClip,
     ZScoreClip,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "NonfinitePolicy",
     "NormClip",
     "PercentileClip",
+    "RelativeClip",
     "Scale",
     "ScaleEach",
     "SpikeSkip",

@@ -151,7 +151,7 @@ class Attachment:
 
 def attach(
     optimizer: torch.optim.Optimizer,
-    strategy: str | ClipStrategy = "norm",
+    strategy: str | ClipStrategy | None = None,
     *,
     nonfinite: NonfinitePolicy = "skip",
     process_group: Any = None,

@@ -55,13 +55,37 @@ class Handover(NamedTuple):
     found_inf: Tensor | None
 
 
-def build_strategy(strategy: str | ClipStrategy, kwargs: Mapping[str, Any]) -> ClipStrategy:
+#: The strategy of ``ClippedOptimizer(opt)`` and ``attach(opt)`` (see
+#: ``docs/strategies.md`` for why).
+DEFAULT_STRATEGY = "relative"
+
+
+def build_strategy(
+    strategy: str | ClipStrategy | None, kwargs: Mapping[str, Any]
+) -> ClipStrategy:
     """A strategy from a registered name (with keyword arguments) or an object.
 
+    ``None`` is the default strategy, :data:`DEFAULT_STRATEGY`.
+
     Raises:
-        TypeError: Neither a name nor a strategy, or keyword arguments with an object.
+        TypeError: Neither a name nor a strategy, keyword arguments with an object, or
+            a threshold (such as ``max_norm``) with no strategy named.
         ValueError: An unknown name.
     """
+    if strategy is None:
+        default = get_strategy(DEFAULT_STRATEGY)
+        accepted = set(default.hyperparameters())
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            given = ", ".join(f"{k}={kwargs[k]!r}" for k in unknown)
+            raise TypeError(
+                f"{given} given without a strategy: the default strategy "
+                f"{DEFAULT_STRATEGY!r} sets its own threshold and takes only "
+                f"{', '.join(sorted(accepted))}. Name the strategy the argument belongs "
+                f"to, e.g. ClippedOptimizer(optimizer, 'norm', {given}) for "
+                "torch's clip_grad_norm_ rule"
+            )
+        return get_strategy(DEFAULT_STRATEGY, **kwargs)
     if isinstance(strategy, str):
         return get_strategy(strategy, **kwargs)
     if not isinstance(strategy, ClipStrategy):
@@ -98,7 +122,7 @@ class Clipper:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        strategy: str | ClipStrategy,
+        strategy: str | ClipStrategy | None = None,
         *,
         nonfinite: NonfinitePolicy = "skip",
         process_group: Any = None,

@@ -58,7 +58,11 @@ class ClippedOptimizer(DelegatingOptimizer):
     Args:
         optimizer: The optimizer to wrap, an instance of ``torch.optim.Optimizer``.
         strategy: A registered strategy name (see :func:`clipopt.available_strategies`)
-            or a :class:`clipopt.ClipStrategy` instance.
+            or a :class:`clipopt.ClipStrategy` instance. ``None`` (default) is
+            ``"relative"`` (:class:`clipopt.RelativeClip`), the one setting that needs
+            no threshold (``docs/strategies.md``); a threshold such as ``max_norm``
+            needs the strategy named, e.g. ``ClippedOptimizer(opt, "norm",
+            max_norm=1.0)`` for torch's ``clip_grad_norm_``.
         nonfinite: The policy for non-finite gradients, one of ``"skip"``, ``"error"``,
             ``"zero"`` and ``"propagate"``.
         process_group: For plain-tensor gradients sharded over ranks (hand-made model
@@ -106,7 +110,7 @@ class ClippedOptimizer(DelegatingOptimizer):
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        strategy: str | ClipStrategy = "norm",
+        strategy: str | ClipStrategy | None = None,
         *,
         nonfinite: NonfinitePolicy = "skip",
         process_group: Any = None,

@@ -205,3 +205,36 @@ class SpikeSkipReference:
                     self.values[name].append(x)
                 self.run[name] = 0 if admitted else run
         return any(outliers.values())
+
+
+class RelativeClipReference:
+    """clipopt's default rule (docs/strategies.md), written from its equations with
+    Python floats: clip the total norm to ``ratio`` times a reference seeded by the first
+    recorded norm, ramped over the first ``ramp`` recorded steps, which then follows the
+    norm capped at ``cap`` times itself with an asymmetric EMA. Non-finite and zero
+    norms, and skipped steps, are not recorded."""
+
+    def __init__(self, ratio=0.4, beta_up=0.99, beta_down=0.98, cap=2.0, ramp=20):
+        self.ratio, self.beta_up, self.beta_down = ratio, beta_up, beta_down
+        self.cap, self.ramp = cap, ramp
+        self.gamma, self.count = None, 0
+
+    def step(self, grads, skipped=False):
+        """Clip ``grads`` in place; return (norm, threshold, coefficient)."""
+        n = global_norm(grads)
+        usable = math.isfinite(n) and n > 0 and not skipped
+        reference = n if self.gamma is None else self.gamma
+        warm = 1.0 if self.ramp == 0 else min(1.0, (self.count + 1) / self.ramp)
+        threshold = self.ratio * reference * warm
+        coef = threshold / n if n > threshold else 1.0
+        if usable:
+            if self.gamma is None:
+                self.gamma = n
+            else:
+                x = min(n, self.cap * self.gamma)
+                beta = self.beta_down if x < self.gamma else self.beta_up
+                self.gamma += (1 - beta) * (x - self.gamma)
+            self.count += 1
+        if coef < 1:
+            scale(grads, coef)
+        return n, threshold, coef

@@ -26,7 +26,9 @@ FUSED = [
 def test_gradscaler_unscales_before_clipping(cls, kwargs, max_norm):
     model = _model()
     ref_model = copy.deepcopy(model)
-    opt = ClippedOptimizer(cls(model.parameters(), lr=0.01, **kwargs), max_norm=max_norm)
+    opt = ClippedOptimizer(
+        cls(model.parameters(), lr=0.01, **kwargs), "norm", max_norm=max_norm
+    )
     ref = cls(
         ref_model.parameters(), lr=0.01, **{k: v for k, v in kwargs.items() if k != "fused"}
     )
@@ -104,7 +106,9 @@ def test_one_pass_amp_with_multi_factor_strategies_equals_unscale_first(factory)
 
 def test_explicit_unscale_on_the_wrapper_is_not_doubled():
     model = _model()
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), max_norm=1e3)
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), "norm", max_norm=1e3
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     batch = batches(1)[0]
     scaler.scale(loss_of(model, batch)).backward()
@@ -117,7 +121,7 @@ def test_explicit_unscale_on_the_wrapper_is_not_doubled():
 def _overflow_run(fused, nonfinite):
     model = _model()
     inner = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
-    opt = ClippedOptimizer(inner, max_norm=0.1, nonfinite=nonfinite)
+    opt = ClippedOptimizer(inner, "norm", max_norm=0.1, nonfinite=nonfinite)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for i, batch in enumerate(batches(4)):
         opt.zero_grad()

@@ -84,7 +84,7 @@ def test_attach_skips_nonfinite_steps_and_keeps_state_in_the_state_dict():
 def test_attach_refusals_and_detach():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    attached = clipopt.attach(opt, max_norm=1e-3)
+    attached = clipopt.attach(opt, "norm", max_norm=1e-3)
     with pytest.raises(TypeError, match=r"already clipped by a Attachment.*detach"):
         clipopt.attach(opt)
     with pytest.raises(TypeError, match="already clipped by a Attachment"):
@@ -108,10 +108,10 @@ def test_attach_with_gradscaler_and_a_fused_optimizer():
     model_b = copy.deepcopy(model_a)
     model_w = copy.deepcopy(model_a)
     fused = torch.optim.AdamW(model_a.parameters(), lr=0.01, fused=True)
-    clipopt.attach(fused, max_norm=0.2)
+    clipopt.attach(fused, "norm", max_norm=0.2)
     ref = torch.optim.AdamW(model_b.parameters(), lr=0.01, fused=True)
     wrapper = clipopt.ClippedOptimizer(
-        torch.optim.AdamW(model_w.parameters(), lr=0.01, fused=True), max_norm=0.2
+        torch.optim.AdamW(model_w.parameters(), lr=0.01, fused=True), "norm", max_norm=0.2
     )
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(3)]
     for batch in batches(4):

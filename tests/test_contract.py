@@ -31,6 +31,7 @@ NEVER = {
     "zscore": lambda: clipopt.ZScoreClip(z_thresh=1e30, warmup_steps=2),
     "adagc": lambda: clipopt.AdaGC(clip_ratio=1e30, warmup_steps=1, max_norm=math.inf),
     "agc": lambda: clipopt.AGC(clipping=1e30),
+    "relative": lambda: clipopt.RelativeClip(ratio=1e30, ramp=0),
 }
 
 

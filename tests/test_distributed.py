@@ -106,6 +106,7 @@ STRATEGIES = {
     "zscore": lambda: clipopt.ZScoreClip(warmup_steps=2, z_thresh=1.0),
     "adagc": lambda: clipopt.AdaGC(warmup_steps=2, max_norm=0.5),
     "agc": lambda: clipopt.AGC(0.05),
+    "relative": lambda: clipopt.RelativeClip(ramp=2),
     "norm-tensor": lambda: clipopt.NormClip(0.1, scope="tensor"),
     "norm-group": lambda: clipopt.NormClip(0.2, scope="group"),
 }

@@ -72,7 +72,9 @@ def test_loading_a_checkpoint_copies_no_strategy():
 def test_lbfgs_skip_snapshot_copies_no_history():
     """The snapshot clones parameters and top-level state tensors only."""
     model = _model()
-    opt = ClippedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=5))
+    opt = ClippedOptimizer(
+        torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=5), "norm"
+    )
     batch = batches(1)[0]
 
     def closure():
@@ -180,7 +182,7 @@ def test_two_front_ends_on_one_optimizer_are_refused():
 def test_deepcopy_of_an_attached_optimizer_keeps_the_clipping():
     model = _model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    attachment = clipopt.attach(sgd, max_norm=1e-3)
+    attachment = clipopt.attach(sgd, "norm", max_norm=1e-3)
     loss_of(model, batches(1)[0]).backward()
     sgd.step()
     clone = copy.deepcopy(sgd)

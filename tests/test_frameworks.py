@@ -103,7 +103,9 @@ def test_compiled_training_step():
     eager.load_state_dict(model.state_dict())
     compiled = torch.compile(model)
     opts = [
-        clipopt.ClippedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), max_norm=0.5)
+        clipopt.ClippedOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.1), "norm", max_norm=0.5
+        )
         for m in (model, eager)
     ]
     g = torch.Generator().manual_seed(1)

@@ -26,6 +26,7 @@ SCALAR = {
     "norm": lambda: clipopt.NormClip(0.3),
     "percentile": lambda: clipopt.PercentileClip(50, window=8),
     "zscore": lambda: clipopt.ZScoreClip(warmup_steps=2, z_thresh=1.0),
+    "relative": lambda: clipopt.RelativeClip(ramp=2),
 }
 
 
@@ -101,7 +102,7 @@ def _scaler_run(fused_wrapper, n=6, inf_at=(2,)):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
     if fused_wrapper:
         opt = ClippedOptimizer(
-            torch.optim.AdamW(model.parameters(), lr=0.01, fused=True), max_norm=0.2
+            torch.optim.AdamW(model.parameters(), lr=0.01, fused=True), "norm", max_norm=0.2
         )
         assert opt._step_supports_amp_scaling
     else:
@@ -322,7 +323,9 @@ def test_fake_cuda_catches_the_host_read_of_the_separate_path():
 
 def test_layout_follows_param_group_changes():
     model = _model()
-    opt = ClippedOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), max_norm=1e-3)
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model[0].parameters(), lr=0.1), "norm", max_norm=1e-3
+    )
     loss_of(model, batches(1)[0]).backward()
     opt.step()
     first = opt.clipper._gradients.layout
@@ -348,10 +351,10 @@ def test_fused_path_with_a_closure_equals_without():
     model_a = _model()
     model_b = copy.deepcopy(model_a)
     with_closure = ClippedOptimizer(
-        torch.optim.AdamW(model_a.parameters(), lr=0.01, fused=True), max_norm=0.05
+        torch.optim.AdamW(model_a.parameters(), lr=0.01, fused=True), "norm", max_norm=0.05
     )
     plain = ClippedOptimizer(
-        torch.optim.AdamW(model_b.parameters(), lr=0.01, fused=True), max_norm=0.05
+        torch.optim.AdamW(model_b.parameters(), lr=0.01, fused=True), "norm", max_norm=0.05
     )
     for batch in batches(4):
 
@@ -394,6 +397,7 @@ def _reset_run(device_path, reset):
     model = _model()
     opt = ClippedOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True),
+        "norm",
         max_norm=0.3,
     )
     initial = copy.deepcopy(opt.state_dict())

@@ -13,7 +13,9 @@ from tests.test_optimizer import _model, _train
 
 def test_history_records_every_step_and_matches_last_stats():
     model = _model()
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), "norm", max_norm=1.0
+    )
     history = clipopt.StatsHistory(opt)
     seen = []
     for batch in batches(5):
@@ -46,9 +48,9 @@ def test_history_and_logs_keep_skipped_steps_with_the_engine_step_numbers(attach
     model = _model()
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     opt = inner
-    front = clipopt.attach(inner, max_norm=1.0) if attached else None
+    front = clipopt.attach(inner, "norm", max_norm=1.0) if attached else None
     if not attached:
-        opt = front = ClippedOptimizer(inner, max_norm=1.0)
+        opt = front = ClippedOptimizer(inner, "norm", max_norm=1.0)
     history = clipopt.StatsHistory(front)
     logged = []
     clipopt.log_stats(front, lambda stats, step: logged.append((step, stats)), every=1)
@@ -64,7 +66,9 @@ def test_history_and_logs_keep_skipped_steps_with_the_engine_step_numbers(attach
 
 def test_history_memory_is_bounded():
     model = _model()
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), "norm", max_norm=1.0
+    )
     history = clipopt.StatsHistory(opt, window=4, block=3)
     _train(model, opt, batches(3))
     assert history._pending == []  # a full block went to the host in one copy
@@ -88,7 +92,9 @@ def test_recording_and_non_logging_steps_do_not_read_the_device():
 
 def test_log_stats_to_a_callable_every_n_steps():
     model = _model()
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=0.01)
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), "norm", max_norm=0.01
+    )
     logged = []
     logger = clipopt.log_stats(
         opt, lambda stats, step: logged.append((step, stats)), every=2
@@ -126,7 +132,9 @@ def test_log_stats_to_tensorboard(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     model = _model()
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), "norm", max_norm=1.0
+    )
     writer = SummaryWriter(str(tmp_path))
     clipopt.log_stats(opt, writer, every=1)
     _train(model, opt, batches(3))
@@ -151,12 +159,16 @@ def test_log_stats_rejects_bad_targets():
 
 def test_warns_when_clipping_always_or_never_fires():
     model = _model()
-    always = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), max_norm=1e-9)
+    always = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), "norm", max_norm=1e-9
+    )
     clipopt.log_stats(always, lambda s, step: None, every=1, warn_after=3)
     with pytest.warns(UserWarning, match="fired on every one of the last"):
         _train(model, always, batches(6))
     model = _model()
-    never = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), max_norm=1e9)
+    never = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), "norm", max_norm=1e9
+    )
     clipopt.log_stats(never, lambda s, step: None, every=1, warn_after=3)
     with pytest.warns(UserWarning, match="has not fired in the last"):
         _train(model, never, batches(6))
@@ -210,7 +222,9 @@ def test_grad_report_nonfinite_and_empty():
 
 def test_recorder_and_plots(tmp_path):
     model = _model()
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=0.5)
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), "norm", max_norm=0.5
+    )
     history = clipopt.StatsHistory(opt)
     recorder = clipopt.GradRecorder(model)
     for batch in batches(8):

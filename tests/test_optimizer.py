@@ -136,7 +136,24 @@ def test_construction_forms():
     strategy = clipopt.get_strategy("norm", max_norm=1.0, norm_type=float("inf"))
     assert ClippedOptimizer(sgd, strategy).strategy is strategy
     assert ClippedOptimizer(sgd, "value", clip_value=0.5).strategy.clip_value == 0.5
-    assert ClippedOptimizer(sgd).strategy.max_norm == 1.0
+    assert isinstance(ClippedOptimizer(sgd).strategy, clipopt.RelativeClip)
+    other = torch.optim.SGD(_model().parameters(), lr=0.1)
+    assert clipopt.attach(other).strategy.hyperparameters() == (
+        clipopt.RelativeClip().hyperparameters()
+    )
+
+
+def test_a_threshold_without_a_strategy_name_says_which_name_to_add():
+    """``max_norm`` belonged to the old default ("norm"): say how to keep that rule."""
+    sgd = torch.optim.SGD(_model().parameters(), lr=0.1)
+    fix = r"ClippedOptimizer\(optimizer, 'norm', max_norm=0.5\)"
+    with pytest.raises(TypeError, match=fix):
+        ClippedOptimizer(sgd, max_norm=0.5)
+    with pytest.raises(TypeError, match="max_norm=0.5 given without a strategy"):
+        clipopt.attach(sgd, max_norm=0.5)
+    assert not sgd._optimizer_step_pre_hooks  # the failed attach left nothing behind
+    # the default's own parameters are accepted by name
+    assert ClippedOptimizer(sgd, ratio=0.5).strategy.ratio == 0.5
 
 
 def test_inner_errors_propagate():
@@ -229,7 +246,9 @@ def test_step_without_gradients_leaves_strategy_untouched():
 def test_frozen_parameters_are_left_out():
     model = _model()
     model[0].weight.requires_grad_(False)
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=0.01)
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), "norm", max_norm=0.01
+    )
     loss_of(model, batches(1)[0]).backward()
     opt.step()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -242,7 +261,7 @@ def test_global_norm_spans_all_param_groups():
         {"params": model[0].parameters(), "lr": 0.1},
         {"params": model[2].parameters(), "lr": 0.01},
     ]
-    opt = ClippedOptimizer(torch.optim.SGD(groups), max_norm=0.05)
+    opt = ClippedOptimizer(torch.optim.SGD(groups), "norm", max_norm=0.05)
     loss_of(model, batches(1)[0]).backward()
     expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     opt.step()

@@ -20,6 +20,7 @@ EXPECTED = {
     "AdaGC",
     "Chain",
     "PercentileClip",
+    "RelativeClip",
     "ZScoreClip",
     "MIN_TORCH",
     "ClipInputs",

@@ -17,6 +17,7 @@ from clipopt import (
     ClippedOptimizer,
     NormClip,
     PercentileClip,
+    RelativeClip,
     ValueClip,
     ZScoreClip,
 )
@@ -37,9 +38,11 @@ FACTORIES = {
     "zscore-capped": lambda: ZScoreClip(warmup_steps=3, max_norm=0.5, mode="percentile"),
     "adagc": lambda: AdaGC(warmup_steps=2, max_norm=0.5),
     "agc": lambda: AGC(0.05),
+    "relative": lambda: RelativeClip(ramp=3),
+    "relative-now": lambda: RelativeClip(ratio=0.9, ramp=0),
     "chain": lambda: Chain(ValueClip(0.5), PercentileClip(50, window=4)),
 }
-BUILTIN_NAMES = {"norm", "value", "percentile", "zscore", "adagc", "agc"}
+BUILTIN_NAMES = {"norm", "value", "percentile", "zscore", "adagc", "agc", "relative"}
 
 
 def test_every_builtin_strategy_is_covered():
@@ -186,7 +189,8 @@ def test_clipping_is_active_and_stats_are_sane(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["norm", "value", "percentile", "zscore", "adagc", "agc", "chain"]
+    "name",
+    ["norm", "value", "percentile", "zscore", "adagc", "agc", "relative", "chain"],
 )
 def test_compiles_fullgraph(name):
     torch._dynamo.reset()

@@ -11,6 +11,7 @@ STRATEGIES = [
     ("norm", {"max_norm": 1.0, "norm_type": 1.0}),
     ("norm", {"max_norm": 1.0, "norm_type": float("inf")}),
     ("value", {"clip_value": 0.5}),
+    ("relative", {}),
 ]
 
 

@@ -21,6 +21,7 @@ from .agc import AGC
 from .chain import Chain
 from .norm import NormClip
 from .percentile import PercentileClip
+from .relative import RelativeClip
 from .value import ValueClip
 from .zscore import ZScoreClip
 
@@ -31,6 +32,7 @@ __all__ = [
     "NormClip",
     "PerTensorNorms",
     "PercentileClip",
+    "RelativeClip",
     "TensorState",
     "ValueClip",
     "ZScoreClip",
