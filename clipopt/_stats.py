@@ -60,7 +60,8 @@ class StatsHistory:
     Example:
         >>> import torch, clipopt
         >>> p = torch.nn.Parameter(torch.zeros(2))
-        >>> opt = clipopt.ClippedOptimizer(torch.optim.SGD([p], lr=0.1), "norm", max_norm=1.0)
+        >>> sgd = torch.optim.SGD([p], lr=0.1)
+        >>> opt = clipopt.ClippedOptimizer(sgd, "norm", max_norm=1.0)
         >>> history = clipopt.StatsHistory(opt)
         >>> for g in ([3.0, 4.0], [0.3, 0.4]):
         ...     p.grad = torch.tensor(g)
@@ -249,7 +250,8 @@ def log_stats(
     Example:
         >>> import torch, clipopt
         >>> p = torch.nn.Parameter(torch.zeros(2))
-        >>> opt = clipopt.ClippedOptimizer(torch.optim.SGD([p], lr=0.1), "norm", max_norm=1.0)
+        >>> sgd = torch.optim.SGD([p], lr=0.1)
+        >>> opt = clipopt.ClippedOptimizer(sgd, "norm", max_norm=1.0)
         >>> logged = []
         >>> logger = clipopt.log_stats(opt, lambda stats, _: logged.append(stats), every=2)
         >>> for _ in range(4):

@@ -54,7 +54,8 @@ def plot_stats(
     Example:
         >>> import torch, clipopt, clipopt.plots, tempfile, pathlib
         >>> p = torch.nn.Parameter(torch.zeros(2))
-        >>> opt = clipopt.ClippedOptimizer(torch.optim.SGD([p], lr=0.1), "norm", max_norm=1.0)
+        >>> sgd = torch.optim.SGD([p], lr=0.1)
+        >>> opt = clipopt.ClippedOptimizer(sgd, "norm", max_norm=1.0)
         >>> history = clipopt.StatsHistory(opt)
         >>> for scale in (0.5, 5.0, 0.7):
         ...     p.grad = torch.full((2,), scale)

@@ -149,7 +149,7 @@ def test_a_threshold_without_a_strategy_name_says_which_name_to_add():
     fix = r"ClippedOptimizer\(optimizer, 'norm', max_norm=0.5\)"
     with pytest.raises(TypeError, match=fix):
         ClippedOptimizer(sgd, max_norm=0.5)
-    with pytest.raises(TypeError, match="max_norm=0.5 given without a strategy"):
+    with pytest.raises(TypeError, match=r"max_norm=0\.5 given without a strategy"):
         clipopt.attach(sgd, max_norm=0.5)
     assert not sgd._optimizer_step_pre_hooks  # the failed attach left nothing behind
     # the default's own parameters are accepted by name
