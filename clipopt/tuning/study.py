@@ -1,0 +1,251 @@
+"""Run a study: storages, seeds, baselines, the global budget, and :func:`tune`."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import TrialState
+
+from .._base import ClipStrategy
+from .._validation import check_choice, check_int
+from ._optuna_private import SQLiteStorage
+from .reporting import Diverged, NonfiniteObjective, _handle_nonfinite
+from .space import NONE, Space, _check_strategies, param_name, suggest_strategy
+
+_BASELINES_ATTR = "clipopt:baselines_enqueued"
+_BASELINE_TAG = "clipopt:baseline"
+
+#: The baselines :func:`enqueue_baselines` adds, when their strategy is searched.
+_BASELINES: dict[str, tuple[str, dict[str, float]]] = {
+    "no clipping": (NONE, {}),
+    "max_norm=1.0": ("norm", {"max_norm": 1.0}),
+    "percentile=10": ("percentile", {"percentile": 10.0}),
+}
+
+Objective = Callable[[optuna.Trial, ClipStrategy], float]
+
+
+def make_storage(spec: str | optuna.storages.BaseStorage | None) -> Any:
+    """Return an Optuna storage for a URL, a file path, or an existing storage.
+
+    - None: in memory (one process).
+    - ``"sqlite:///study.db"`` or a path ending in ``.db``: embedded SQLite, with a
+      generous lock timeout and transactions that lock when they begin (so two
+      processes never run the same enqueued trial); fine for a few processes on one
+      machine.
+    - A path ending in ``.log`` or ``.jsonl``: a journal file, for many processes on one
+      machine (or on a shared file system).
+    - ``"postgresql://..."``, ``"mysql+pymysql://..."``: a database server, for many
+      machines.
+    - An ``optuna.storages`` object: used as is.
+    """
+    if spec is None or not isinstance(spec, str):
+        return spec
+    if spec.endswith((".log", ".jsonl")) and "://" not in spec:
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(spec))
+    url = f"sqlite:///{spec}" if spec.endswith(".db") and "://" not in spec else spec
+    if url.startswith("sqlite"):
+        return SQLiteStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return optuna.storages.RDBStorage(url)
+
+
+def worker_seed(
+    seed: int | None, *, worker_id: int | str | None = None, n_existing: int = 0
+) -> int | None:
+    """Derive a sampler seed distinct per worker and per resume.
+
+    The same seed in two workers makes them suggest the same first configurations
+    (optuna#4714), and resuming with the same seed repeats the startup configurations
+    (optuna#3255). The seed is therefore hashed with the worker's identity (``worker_id``,
+    or host and process id) and the number of trials the study already has.
+
+    Returns:
+        None if ``seed`` is None (fresh entropy everywhere), else a 32-bit seed.
+
+    Example:
+        >>> worker_seed(0, worker_id=1) != worker_seed(0, worker_id=2)
+        True
+        >>> worker_seed(0, worker_id=1) == worker_seed(0, worker_id=1)
+        True
+    """
+    if seed is None:
+        return None
+    ident = worker_id if worker_id is not None else f"{socket.gethostname()}:{os.getpid()}"
+    digest = hashlib.sha256(f"{seed}|{ident}|{n_existing}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def baseline_params(
+    strategies: Sequence[str], prefix: str = "clip"
+) -> dict[str, dict[str, Any]]:
+    """Return the baseline trials' parameters that fit the searched strategies.
+
+    The baselines are no clipping, ``max_norm=1.0`` and ``percentile=10`` (AutoClip's
+    default), each included when its strategy is searched.
+    """
+    names = _check_strategies(strategies)
+    baselines: dict[str, dict[str, Any]] = {}
+    for label, (strategy, values) in _BASELINES.items():
+        if strategy not in names:
+            continue
+        params: dict[str, Any] = {} if len(names) == 1 else {f"{prefix}_strategy": strategy}
+        params.update({param_name(strategy, k, prefix): v for k, v in values.items()})
+        baselines[label] = params
+    return baselines
+
+
+def enqueue_baselines(
+    study: optuna.Study, strategies: Sequence[str], prefix: str = "clip"
+) -> list[str]:
+    """Enqueue the baseline trials once per study; return the labels enqueued now.
+
+    A study attribute marks them as enqueued, so later workers and resumes skip them.
+    (Workers that start at the same instant may both enqueue; ``skip_if_exists`` then
+    catches most duplicates. Call it from one process first to be exact.)
+    """
+    if study.user_attrs.get(_BASELINES_ATTR):
+        return []
+    study.set_user_attr(_BASELINES_ATTR, True)
+    labels = []
+    for label, params in baseline_params(strategies, prefix).items():
+        study.enqueue_trial(params, user_attrs={_BASELINE_TAG: label}, skip_if_exists=True)
+        labels.append(label)
+    return labels
+
+
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Return how many trials finished (complete, pruned or failed): the budget's count."""
+    return len(study.get_trials(deepcopy=False, states=_COUNTED))
+
+
+def tune(
+    objective: Objective,
+    *,
+    n_trials: int,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    seed: int | None = None,
+    strategies: Sequence[str] = (NONE, "norm", "percentile"),
+    spaces: Mapping[str, Space] | None = None,
+    prefix: str = "clip",
+    direction: Literal["minimize", "maximize"] = "minimize",
+    baselines: bool = True,
+    on_nonfinite: NonfiniteObjective = "prune",
+    penalty: float | None = None,
+    timeout: float | None = None,
+    worker_id: int | str | None = None,
+    show_progress_bar: bool = True,
+    catch: Iterable[type[Exception]] = (),
+) -> optuna.Study:
+    """Tune the clipping strategy and threshold: run (or join, or resume) a study.
+
+    ``objective(trial, strategy)`` trains with the suggested ``strategy`` (build a
+    :class:`clipopt.ClippedOptimizer` from it) and returns the value to optimise; it may
+    use :class:`TrialReporter` to report and prune. Run the same call in several
+    processes or machines with the same ``storage`` and ``study_name`` to share the
+    study: the budget ``n_trials`` is global (finished trials of every worker count,
+    running ones too; a worker may overshoot by the number of workers minus one), the
+    sampler seed is distinct per worker and per resume, and re-running resumes.
+
+    A non-finite objective value never makes a FAIL trial (samplers would ignore it and
+    never learn the region): it is pruned, or penalized with ``penalty``, or raised.
+
+    Args:
+        objective: ``(trial, strategy) -> value``.
+        n_trials: Global budget of finished trials, >= 1.
+        storage: None (in memory), a URL or path (see :func:`make_storage`) or a storage.
+        study_name: Name of the study in the storage (required to share or resume one).
+        sampler: Default: ``TPESampler(seed=worker_seed(seed, ...))``.
+        pruner: Default: ``MedianPruner(n_startup_trials=5)``; use
+            :class:`TrialReporter` ``total_steps`` for its warm-up share.
+        seed: Base seed of the default sampler (None: fresh entropy).
+        strategies: Searched strategies; ``"none"`` is no clipping.
+        spaces: Search-space overrides (see :func:`suggest_strategy`).
+        prefix: Prefix of the parameter names.
+        direction: ``"minimize"`` or ``"maximize"``.
+        baselines: Enqueue the baselines (no clipping, ``max_norm=1.0``,
+            ``percentile=10``) that fit ``strategies``, once per study.
+        on_nonfinite: For a non-finite objective value: ``"prune"``, ``"penalize"``,
+            ``"raise"``.
+        penalty: Value of a penalized trial (required with ``"penalize"``).
+        timeout: Stop this worker after so many seconds.
+        worker_id: This worker's identity for its seed (default: host and process id;
+            pass one for a reproducible single-process study).
+        show_progress_bar: Show Optuna's progress bar.
+        catch: Exception types that fail a trial without stopping the study.
+
+    Returns:
+        The study.
+
+    Raises:
+        ValueError: Invalid arguments.
+    """
+    n_trials = check_int("n_trials", n_trials, minimum=1)
+    names = _check_strategies(strategies)
+    check_choice("direction", direction, ("minimize", "maximize"))
+    check_choice("on_nonfinite", on_nonfinite, ("prune", "penalize", "raise"))
+    if on_nonfinite == "penalize" and (penalty is None or not math.isfinite(penalty)):
+        raise ValueError(f"on_nonfinite='penalize' needs a finite penalty, got {penalty!r}")
+    study = optuna.create_study(
+        storage=make_storage(storage),
+        study_name=study_name,
+        direction=direction,
+        pruner=pruner
+        if pruner is not None
+        else optuna.pruners.MedianPruner(n_startup_trials=5),
+        load_if_exists=True,
+    )
+    existing = count_finished(study)
+    effective_seed = worker_seed(seed, worker_id=worker_id, n_existing=existing)
+    study.sampler = (
+        sampler if sampler is not None else optuna.samplers.TPESampler(seed=effective_seed)
+    )
+    if baselines:
+        enqueue_baselines(study, names, prefix)
+    remaining = n_trials - existing
+    if remaining <= 0:
+        return study
+    worker = (
+        str(worker_id) if worker_id is not None else f"{socket.gethostname()}:{os.getpid()}"
+    )
+
+    def run(trial: optuna.Trial) -> float:
+        trial.set_user_attr("clipopt:worker", worker)
+        if effective_seed is not None:
+            trial.set_user_attr("clipopt:sampler_seed", effective_seed)
+        strategy = suggest_strategy(trial, names, spaces=spaces, prefix=prefix)
+        try:
+            value = float(objective(trial, strategy))
+            if not math.isfinite(value):
+                _handle_nonfinite(trial, on_nonfinite, penalty, value, None)
+        except Diverged as diverged:  # from the reporter, or from the line above
+            trial.set_user_attr("clipopt:penalized", True)
+            return diverged.penalty
+        return value
+
+    budget = optuna.study.MaxTrialsCallback(
+        n_trials, states=(*_COUNTED, TrialState.RUNNING)
+    )
+    study.optimize(
+        run,
+        n_trials=remaining,
+        timeout=timeout,
+        callbacks=[budget],
+        catch=tuple(catch),
+        gc_after_trial=True,
+        show_progress_bar=show_progress_bar,
+    )
+    return study
