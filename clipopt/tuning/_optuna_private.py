@@ -7,6 +7,8 @@ message naming it when an Optuna release changes it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -19,10 +21,16 @@ class SQLiteStorage(optuna.storages.RDBStorage):
     first write, so two processes can both read a trial as WAITING and both run it
     (seen here with enqueued baselines: "Cannot tell a COMPLETE trial"). ``BEGIN
     IMMEDIATE``, the recipe of SQLAlchemy's pysqlite documentation, serialises them.
+
+    Opening a fresh file creates the tables, the version row and alembic's stamp in
+    separate statements, which two processes starting together would both run ("table
+    studies already exists"): a lock file beside the database (``<file>.lock``, left in
+    place) serialises the opening across processes.
     """
 
     def __init__(self, url: str, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
+        with _creation_lock(url):
+            super().__init__(url, **kwargs)
         self._begin_immediately()
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
@@ -41,3 +49,17 @@ class SQLiteStorage(optuna.storages.RDBStorage):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         self.engine.dispose()  # pooled connections predate the hooks
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str) -> Iterator[None]:
+    """Hold an inter-process lock on ``<database file>.lock`` (no-op in memory)."""
+    from filelock import FileLock
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    with FileLock(f"{database}.lock", timeout=120):
+        yield
