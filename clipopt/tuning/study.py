@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from .._base import ClipStrategy
 from .._validation import check_choice, check_int
+from ._objective import evaluated_before, objective_caller, reuse
 from ._optuna_private import SQLiteStorage
 from .reporting import Diverged, NonfiniteObjective, _handle_nonfinite
 from .space import NONE, Space, _check_strategies, param_name, suggest_strategy
@@ -28,7 +29,8 @@ _BASELINES: dict[str, tuple[str, dict[str, float]]] = {
     "percentile=10": ("percentile", {"percentile": 10.0}),
 }
 
-Objective = Callable[[optuna.Trial, ClipStrategy], float]
+#: ``objective(trial, strategy) -> value``, or an Optuna objective ``objective(trial)``.
+Objective = Callable[[optuna.Trial, ClipStrategy], float] | Callable[[optuna.Trial], float]
 
 
 def make_storage(spec: str | optuna.storages.BaseStorage | None) -> Any:
@@ -149,22 +151,33 @@ def tune(
     worker_id: int | str | None = None,
     show_progress_bar: bool = True,
     catch: Iterable[type[Exception]] = (),
+    skip_evaluated: bool = True,
 ) -> optuna.Study:
     """Tune the clipping strategy and threshold: run (or join, or resume) a study.
 
     ``objective(trial, strategy)`` trains with the suggested ``strategy`` (build a
     :class:`clipopt.ClippedOptimizer` from it) and returns the value to optimise; it may
-    use :class:`TrialReporter` to report and prune. Run the same call in several
-    processes or machines with the same ``storage`` and ``study_name`` to share the
-    study: the budget ``n_trials`` is global (finished trials of every worker count,
-    running ones too; a worker may overshoot by the number of workers minus one), the
-    sampler seed is distinct per worker and per resume, and re-running resumes.
+    use :class:`TrialReporter` to report and prune. An Optuna objective
+    ``objective(trial)`` works too: it calls ``suggest_strategy(trial, strategies)``
+    itself, with the same ``strategies`` (``tune`` suggested them already, so the call
+    returns the same strategy). The form is read from the signature.
+
+    Run the same call in several processes or machines with the same ``storage`` and
+    ``study_name`` to share the study: the budget ``n_trials`` is global (finished
+    trials of every worker count, running ones too; a worker may overshoot by the number
+    of workers minus one), the sampler seed is distinct per worker and per resume, and
+    re-running resumes.
+
+    A trial whose parameters equal those of a COMPLETE trial of the study (of any
+    worker), such as ``"none"`` suggested again, is not trained: it returns that trial's
+    value and statistics, with the user attribute ``clipopt:duplicate_of`` naming it.
+    Turn this off with ``skip_evaluated=False`` for a noisy objective.
 
     A non-finite objective value never makes a FAIL trial (samplers would ignore it and
     never learn the region): it is pruned, or penalized with ``penalty``, or raised.
 
     Args:
-        objective: ``(trial, strategy) -> value``.
+        objective: ``(trial, strategy) -> value`` or ``(trial) -> value``.
         n_trials: Global budget of finished trials, >= 1.
         storage: None (in memory), a URL or path (see :func:`make_storage`) or a storage.
         study_name: Name of the study in the storage (required to share or resume one).
@@ -186,13 +199,17 @@ def tune(
             pass one for a reproducible single-process study).
         show_progress_bar: Show Optuna's progress bar.
         catch: Exception types that fail a trial without stopping the study.
+        skip_evaluated: Reuse the value of a COMPLETE trial with the same parameters
+            instead of training again.
 
     Returns:
         The study.
 
     Raises:
+        TypeError: ``objective`` takes neither ``(trial, strategy)`` nor ``(trial)``.
         ValueError: Invalid arguments.
     """
+    call = objective_caller(objective)
     n_trials = check_int("n_trials", n_trials, minimum=1)
     names = _check_strategies(strategies)
     check_choice("direction", direction, ("minimize", "maximize"))
@@ -227,8 +244,11 @@ def tune(
         if effective_seed is not None:
             trial.set_user_attr("clipopt:sampler_seed", effective_seed)
         strategy = suggest_strategy(trial, names, spaces=spaces, prefix=prefix)
+        previous = evaluated_before(trial) if skip_evaluated else None
+        if previous is not None:
+            return reuse(trial, previous)
         try:
-            value = float(objective(trial, strategy))
+            value = float(call(trial, strategy))
             if not math.isfinite(value):
                 _handle_nonfinite(trial, on_nonfinite, penalty, value, None)
         except Diverged as diverged:  # from the reporter, or from the line above
