@@ -110,7 +110,6 @@ def main(
     seed: int = 0,
     verbose: bool = True,
 ) -> ct.TuningSummary:
-    torch.set_num_threads(1)  # tiny ops: one thread is fastest, and leaves a core free
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar is enough
     study = optuna.create_study(
         storage=ct.make_storage(storage), study_name=study_name, load_if_exists=True
@@ -158,4 +157,7 @@ if __name__ == "__main__":
     parser.add_argument("--plots", default="tune_max_norm_plots")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # Global state, so only as a script (a caller's numerics keep their own threads):
+    # tiny ops are fastest on one thread, which also leaves a core free.
+    torch.set_num_threads(1)
     main(args.trials, args.steps, args.storage, args.study_name, args.plots, seed=args.seed)
