@@ -5,11 +5,13 @@ fails here with a message saying what to update, rather than somewhere in a stud
 """
 
 import pickle
+import time
 
 import optuna
 import pytest
 import sqlalchemy
 
+import clipopt.tuning as ct
 from clipopt.tuning import _optuna_private as private
 
 
@@ -59,3 +61,28 @@ def test_the_creation_lock_sits_beside_the_database(tmp_path):
     private.SQLiteStorage(f"sqlite:///{tmp_path / 'a.db'}")
     assert (tmp_path / "a.db.lock").exists()
     private.SQLiteStorage("sqlite:///:memory:")  # no file, no lock
+
+
+def test_optimize_fails_and_retries_stale_trials_of_a_journal_heartbeat(tmp_path):
+    # JournalHeartbeatStorage is an optuna.storages._heartbeat.BaseHeartbeat: Optuna's
+    # optimize() must fail its stale trials before the next trial, run the retry
+    # callback, and the retry must carry "retry_history" in its system attributes.
+    storage = ct.make_storage(str(tmp_path / "a.log"), heartbeat_interval=1)
+    study = optuna.create_study(storage=storage)
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(trial._trial_id)
+    assert storage._get_stale_trial_ids(study._study_id) == []
+    storage.set_trial_system_attr(trial._trial_id, private.HEARTBEAT_ATTR, time.time() - 3)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    first, retry = study.trials
+    require(
+        first.state == optuna.trial.TrialState.FAIL,
+        "Study.optimize calls fail_stale_trials for any BaseHeartbeat storage with an "
+        "interval (optuna.storages._heartbeat)",
+    )
+    require(
+        retry.params == first.params and private.retried_numbers([retry]) == {0},
+        "RetryHeartbeatStaleTrialCallback enqueues the same parameters and records "
+        f"system_attrs['retry_history'] (got {retry.system_attrs})",
+    )

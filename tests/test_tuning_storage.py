@@ -5,6 +5,7 @@ import time
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 import clipopt.tuning as ct
 from tests import tuning_worker
@@ -73,3 +74,90 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
     assert len(seeds) == len(set(seeds)) == 2  # ...with different sampler seeds
     baselines = [t for t in study.trials if "clipopt:baseline" in t.user_attrs]
     assert len(baselines) == 2  # none and max_norm=1.0, enqueued once
+
+
+def kill_one_worker_mid_trial(spec, tmp_path, workers=2, budget=8):
+    """Run workers with a heartbeat, SIGKILL one in mid-trial; return the loaded study."""
+    ctx = multiprocessing.get_context("spawn")
+    started, barrier = ctx.Event(), ctx.Barrier(workers)
+    errors = tmp_path / "errors"
+    procs = [
+        tuning_worker.spawn(
+            tuning_worker.heartbeat_worker,
+            spec,
+            budget,
+            i,
+            i == 0,
+            started,
+            barrier,
+            str(errors),
+        )
+        for i in range(workers)
+    ]
+    victim, survivors = procs[0], procs[1:]
+    try:
+        assert started.wait(tuning_worker.TIMEOUT), "the victim never started a trial"
+        victim.kill()  # SIGKILL: no cleanup, its trial stays RUNNING in the storage
+        victim.join(30)
+        deadline = time.monotonic() + 300
+        for proc in survivors:
+            proc.join(max(deadline - time.monotonic(), 0))
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+    reported = sorted(p.read_text() for p in errors.glob("*.txt"))
+    assert victim.exitcode == -9
+    assert [p.exitcode for p in survivors] == [0] * len(survivors), reported
+    assert reported == []
+    return optuna.load_study(study_name="shared", storage=ct.make_storage(spec))
+
+
+def check_killed_trial_was_retried(study, budget=8):
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    killed = [t for t in failed if "clipopt:surplus" not in t.user_attrs]
+    assert len(killed) == 1, failed
+    killed = killed[0]
+    assert killed.intermediate_values == {0: 1.0}  # it was mid-trial
+    retries = [
+        t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number
+    ]
+    assert len(retries) == 1
+    retry = retries[0]
+    assert retry.params == killed.params
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retry.user_attrs["clipopt:worker"] != killed.user_attrs["clipopt:worker"]
+    assert ct.count_finished(study) == budget  # the budget, exactly: the retry counts
+    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == budget
+
+
+@pytest.mark.slow
+def test_a_killed_worker_trial_is_retried_on_a_journal_file(tmp_path):
+    study = kill_one_worker_mid_trial(str(tmp_path / "study.log"), tmp_path)
+    check_killed_trial_was_retried(study)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_trial_is_retried_on_sqlite(tmp_path):
+    study = kill_one_worker_mid_trial(f"sqlite:///{tmp_path / 'study.db'}", tmp_path)
+    check_killed_trial_was_retried(study)
+
+
+def test_make_storage_heartbeat_settings(tmp_path):
+    from clipopt.tuning._optuna_private import heartbeat_interval
+
+    journal = ct.make_storage(str(tmp_path / "a.log"), heartbeat_interval=5)
+    study = optuna.create_study(storage=journal)
+    assert heartbeat_interval(study) == 5
+    assert journal.grace_period == 10
+    plain = ct.make_storage(str(tmp_path / "b.log"), heartbeat_interval=None)
+    assert heartbeat_interval(optuna.create_study(storage=plain)) is None
+    sqlite = ct.make_storage(str(tmp_path / "a.db"))
+    assert heartbeat_interval(optuna.create_study(storage=sqlite)) == 60
+    with pytest.raises(ValueError, match="grace_period must be longer than heartbeat"):
+        ct.make_storage(str(tmp_path / "c.db"), heartbeat_interval=5, grace_period=5)
+    with pytest.raises(ValueError, match="heartbeat_interval must be >= 1"):
+        ct.make_storage(str(tmp_path / "c.db"), heartbeat_interval=0)

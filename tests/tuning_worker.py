@@ -79,3 +79,49 @@ def tune_worker(
         )
     except Exception:
         _report(errors, f"worker {worker}")
+
+
+def heartbeat_worker(
+    spec: str,
+    budget: int,
+    worker: int,
+    victim: bool,
+    started: Any,
+    barrier: Any,
+    errors: str,
+) -> None:
+    """Tune with a 1 s heartbeat; the victim blocks in its first trial until killed.
+
+    The other workers wait for ``started`` before training, so the victim is known to be
+    in the middle of a trial (it reported a value) when the test kills it.
+    """
+    _quiet()
+    import threading
+
+    import clipopt.tuning as ct
+    from tests.test_tuning import tiny_objective
+
+    def objective(trial: Any, strategy: Any) -> float:
+        if victim:
+            trial.report(1.0, 0)
+            started.set()
+            threading.Event().wait()  # until SIGKILL
+        if not started.wait(TIMEOUT):
+            raise RuntimeError("the victim never started a trial")
+        return float(tiny_objective(trial, strategy))
+
+    try:
+        storage = ct.make_storage(spec, heartbeat_interval=1, grace_period=2)
+        barrier.wait(TIMEOUT)
+        ct.tune(
+            objective,
+            n_trials=budget,
+            storage=storage,
+            study_name="shared",
+            seed=0,
+            worker_id=f"w{worker}",
+            strategies=("none", "norm"),
+            show_progress_bar=False,
+        )
+    except Exception:
+        _report(errors, f"worker {worker}")

@@ -33,6 +33,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
         "clipopt.tuning needs optuna>=5.0; install it with: pip install 'clipopt[optuna]'"
     ) from error
 
+from ._budget import count_finished
 from .plots import save_plots
 from .probe import (
     NORM_RANGE_ATTR,
@@ -55,7 +56,6 @@ from .space import Space as Space
 from .study import Objective as Objective
 from .study import (
     baseline_params,
-    count_finished,
     enqueue_baselines,
     make_storage,
     tune,

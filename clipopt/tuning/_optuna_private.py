@@ -8,10 +8,14 @@ message naming it when an Optuna release changes it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
 
 
 class SQLiteStorage(optuna.storages.RDBStorage):
@@ -63,3 +67,101 @@ def _creation_lock(url: str) -> Iterator[None]:
         return
     with FileLock(f"{database}.lock", timeout=120):
         yield
+
+
+# -- heartbeat ----------------------------------------------------------------------------
+# Optuna's heartbeat lives in optuna.storages._heartbeat: Study.optimize runs
+# fail_stale_trials before each trial and a HeartbeatThread around it for any storage
+# that is a BaseHeartbeat with an interval. RDBStorage is one; JournalStorage is not, so
+# JournalHeartbeatStorage below adds it, keeping the beats in a trial system attribute.
+
+#: Trial system attribute holding the wall-clock time (``time.time()``) of the last beat.
+HEARTBEAT_ATTR = "clipopt:heartbeat"
+
+
+class JournalHeartbeatStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+    """A journal storage with Optuna's heartbeat: stale RUNNING trials are failed.
+
+    Each running trial's worker writes the time every ``heartbeat_interval`` seconds;
+    before each trial, every worker fails the RUNNING trials whose last beat is older
+    than ``grace_period`` and runs ``heartbeat_stale_trial_callback`` on them. The times
+    are wall-clock times of the writing machines: on a shared file system, their clocks
+    must agree to well within ``grace_period - heartbeat_interval``.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        heartbeat_interval: int,
+        grace_period: int | None = None,
+        heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None]
+        | None = None,
+    ) -> None:
+        super().__init__(backend)
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period or 2 * heartbeat_interval
+        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Write the current time into the trial (ignored once the trial finished)."""
+        # A trial failed as stale by another worker meanwhile has nothing left to beat.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        running = self.get_all_trials(
+            study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        )
+        return [
+            trial._trial_id
+            for trial in running
+            if HEARTBEAT_ATTR in trial.system_attrs
+            and now - float(trial.system_attrs[HEARTBEAT_ATTR]) > self.grace_period
+        ]
+
+    def get_heartbeat_interval(self) -> int | None:
+        """The heartbeat interval in seconds."""
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(
+        self,
+    ) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        """The callback run on each trial failed as stale."""
+        return self.heartbeat_stale_trial_callback
+
+
+def heartbeat_interval(study: optuna.Study) -> int | None:
+    """The heartbeat interval of the study's storage, or None without a heartbeat."""
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return None
+    assert isinstance(storage, BaseHeartbeat)
+    return storage.get_heartbeat_interval()
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the study's stale RUNNING trials now (and retry them, per the storage)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def retry_callback(max_retry: int | None) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Optuna's retry of stale trials, without its ExperimentalWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+
+def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that RetryHeartbeatStaleTrialCallback re-enqueued.
+
+    The callback copies ``system_attrs["retry_history"]`` (the numbers of the failed
+    trials it retries, oldest first) into each retry.
+    """
+    numbers: set[int] = set()
+    for trial in trials:
+        numbers.update(int(n) for n in trial.system_attrs.get("retry_history", ()))
+    return numbers

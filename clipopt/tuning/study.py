@@ -6,16 +6,25 @@ import hashlib
 import math
 import os
 import socket
+import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import optuna
-from optuna.trial import TrialState
 
 from .._base import ClipStrategy
 from .._validation import check_choice, check_int
+from ._budget import (
+    BudgetSpent,
+    claim,
+    count_claimed,
+    count_finished,
+    settle,
+    stop_when_claimed,
+)
 from ._objective import evaluated_before, objective_caller, reuse
-from ._optuna_private import SQLiteStorage
+from ._optuna_private import JournalHeartbeatStorage, SQLiteStorage, retry_callback
 from .reporting import Diverged, NonfiniteObjective, _handle_nonfinite
 from .space import NONE, Space, _check_strategies, param_name, suggest_strategy
 
@@ -33,30 +42,85 @@ _BASELINES: dict[str, tuple[str, dict[str, float]]] = {
 Objective = Callable[[optuna.Trial, ClipStrategy], float] | Callable[[optuna.Trial], float]
 
 
-def make_storage(spec: str | optuna.storages.BaseStorage | None) -> Any:
+def make_storage(
+    spec: str | optuna.storages.BaseStorage | None,
+    *,
+    heartbeat_interval: int | None = 60,
+    grace_period: int | None = None,
+    max_retry: int | None = 3,
+) -> Any:
     """Return an Optuna storage for a URL, a file path, or an existing storage.
 
     - None: in memory (one process).
     - ``"sqlite:///study.db"`` or a path ending in ``.db``: embedded SQLite, with a
-      generous lock timeout and transactions that lock when they begin (so two
-      processes never run the same enqueued trial); fine for a few processes on one
-      machine.
+      generous lock timeout, transactions that lock when they begin (so two processes
+      never run the same enqueued trial) and an inter-process lock while a fresh file
+      is created; fine for a few processes on one machine.
     - A path ending in ``.log`` or ``.jsonl``: a journal file, for many processes on one
       machine (or on a shared file system).
-    - ``"postgresql://..."``, ``"mysql+pymysql://..."``: a database server, for many
-      machines.
+    - ``"postgresql://..."`` (``pip install "clipopt[postgres]"``),
+      ``"mysql+pymysql://..."``: a database server, for many machines.
     - An ``optuna.storages`` object: used as is.
+
+    Storages made from a string get a heartbeat: each running trial records that it is
+    alive every ``heartbeat_interval`` seconds, and a trial silent for ``grace_period``
+    seconds (its worker was killed) is failed and enqueued again, up to ``max_retry``
+    times, by the next worker that starts a trial (Optuna's heartbeat on databases,
+    clipopt's on journal files, in a trial system attribute). :func:`tune` then keeps the
+    budget: the failed trial does not count, its retry does.
+
+    Args:
+        spec: What to open (above).
+        heartbeat_interval: Seconds between heartbeats, a positive int; None: no
+            heartbeat.
+        grace_period: Seconds of silence before a running trial is failed (default
+            ``2 * heartbeat_interval``).
+        max_retry: How often one trial is retried (None: without limit).
+
+    Raises:
+        ValueError: A heartbeat setting is not a positive int, or ``grace_period`` is
+            not longer than ``heartbeat_interval``.
     """
     if spec is None or not isinstance(spec, str):
         return spec
+    heartbeat = _heartbeat_kwargs(heartbeat_interval, grace_period, max_retry)
     if spec.endswith((".log", ".jsonl")) and "://" not in spec:
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(spec))
+        backend = JournalFileBackend(spec)
+        if not heartbeat:
+            return optuna.storages.JournalStorage(backend)
+        return JournalHeartbeatStorage(backend, **heartbeat)
     url = f"sqlite:///{spec}" if spec.endswith(".db") and "://" not in spec else spec
-    if url.startswith("sqlite"):
-        return SQLiteStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+    with warnings.catch_warnings():  # the heartbeat arguments are experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if url.startswith("sqlite"):
+            return SQLiteStorage(
+                url, engine_kwargs={"connect_args": {"timeout": 60}}, **heartbeat
+            )
+        return optuna.storages.RDBStorage(url, **heartbeat)
+
+
+def _heartbeat_kwargs(
+    interval: int | None, grace_period: int | None, max_retry: int | None
+) -> dict[str, Any]:
+    if interval is None:
+        return {}
+    interval = check_int("heartbeat_interval", interval, minimum=1)
+    if grace_period is not None:
+        grace_period = check_int("grace_period", grace_period, minimum=1)
+        if grace_period <= interval:
+            raise ValueError(
+                f"grace_period must be longer than heartbeat_interval ({interval} s), "
+                f"got {grace_period}; pass e.g. grace_period={2 * interval}"
+            )
+    if max_retry is not None:
+        max_retry = check_int("max_retry", max_retry, minimum=0)
+    return {
+        "heartbeat_interval": interval,
+        "grace_period": grace_period,
+        "heartbeat_stale_trial_callback": retry_callback(max_retry),
+    }
 
 
 def worker_seed(
@@ -121,14 +185,6 @@ def enqueue_baselines(
         study.enqueue_trial(params, user_attrs={_BASELINE_TAG: label}, skip_if_exists=True)
         labels.append(label)
     return labels
-
-
-_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def count_finished(study: optuna.Study) -> int:
-    """Return how many trials finished (complete, pruned or failed): the budget's count."""
-    return len(study.get_trials(deepcopy=False, states=_COUNTED))
 
 
 def tune(
@@ -232,14 +288,12 @@ def tune(
     )
     if baselines:
         enqueue_baselines(study, names, prefix)
-    remaining = n_trials - existing
-    if remaining <= 0:
-        return study
     worker = (
         str(worker_id) if worker_id is not None else f"{socket.gethostname()}:{os.getpid()}"
     )
 
     def run(trial: optuna.Trial) -> float:
+        claim(trial, n_trials)
         trial.set_user_attr("clipopt:worker", worker)
         if effective_seed is not None:
             trial.set_user_attr("clipopt:sampler_seed", effective_seed)
@@ -256,16 +310,21 @@ def tune(
             return diverged.penalty
         return value
 
-    budget = optuna.study.MaxTrialsCallback(
-        n_trials, states=(*_COUNTED, TrialState.RUNNING)
-    )
-    study.optimize(
-        run,
-        n_trials=remaining,
-        timeout=timeout,
-        callbacks=[budget],
-        catch=tuple(catch),
-        gc_after_trial=True,
-        show_progress_bar=show_progress_bar,
-    )
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def run_more(count: int) -> None:
+        study.optimize(
+            run,
+            n_trials=count,
+            timeout=None if deadline is None else max(deadline - time.monotonic(), 0),
+            callbacks=[stop_when_claimed(n_trials)],
+            catch=(*catch, BudgetSpent),
+            gc_after_trial=True,
+            show_progress_bar=show_progress_bar,
+        )
+
+    remaining = n_trials - count_claimed(study)
+    if remaining > 0:
+        run_more(remaining)
+    settle(study, n_trials, run_more, deadline)
     return study
