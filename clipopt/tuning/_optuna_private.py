@@ -26,14 +26,11 @@ class SQLiteStorage(optuna.storages.RDBStorage):
     (seen here with enqueued baselines: "Cannot tell a COMPLETE trial"). ``BEGIN
     IMMEDIATE``, the recipe of SQLAlchemy's pysqlite documentation, serialises them.
 
-    Opening a fresh file creates the tables, the version row and alembic's stamp in
-    separate statements, which two processes starting together would both run ("table
-    studies already exists"): a lock file beside the database (``<file>.lock``, left in
-    place) serialises the opening across processes.
+    It opens under :func:`creation_lock`.
     """
 
     def __init__(self, url: str, **kwargs: Any) -> None:
-        with _creation_lock(url):
+        with creation_lock(url):
             super().__init__(url, **kwargs)
         self._begin_immediately()
 
@@ -56,17 +53,58 @@ class SQLiteStorage(optuna.storages.RDBStorage):
 
 
 @contextlib.contextmanager
-def _creation_lock(url: str) -> Iterator[None]:
-    """Hold an inter-process lock on ``<database file>.lock`` (no-op in memory)."""
-    from filelock import FileLock
+def creation_lock(url: str) -> Iterator[None]:
+    """Serialise opening a storage across processes while it may create its tables.
+
+    RDBStorage creates its tables, version row and alembic stamp in separate statements,
+    which workers opening a fresh database together would all run ("table studies
+    already exists" on SQLite, a duplicate ``studydirection`` type on PostgreSQL). SQLite
+    takes a lock file beside the database (``<file>.lock``, left in place), PostgreSQL a
+    session-level advisory lock; other URLs take none.
+    """
     from sqlalchemy.engine import make_url
 
-    database = make_url(url).database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        with _advisory_lock(url):
+            yield
+        return
+    database = parsed.database
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not database
+        or database == ":memory:"
+        or database.startswith("file:")
+    ):
         yield
         return
+    from filelock import FileLock
+
     with FileLock(f"{database}.lock", timeout=120):
         yield
+
+
+#: The key of clipopt's advisory lock on PostgreSQL (any fixed 64-bit integer).
+_ADVISORY_KEY = 0x636C69706F7074  # "clipopt"
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: str) -> Iterator[None]:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({_ADVISORY_KEY})"))
+            try:
+                yield
+            finally:
+                connection.execute(
+                    sqlalchemy.text(f"SELECT pg_advisory_unlock({_ADVISORY_KEY})")
+                )
+    finally:
+        engine.dispose()
 
 
 # -- heartbeat ----------------------------------------------------------------------------

@@ -24,7 +24,12 @@ from ._budget import (
     stop_when_claimed,
 )
 from ._objective import evaluated_before, objective_caller, reuse
-from ._optuna_private import JournalHeartbeatStorage, SQLiteStorage, retry_callback
+from ._optuna_private import (
+    JournalHeartbeatStorage,
+    SQLiteStorage,
+    creation_lock,
+    retry_callback,
+)
 from .reporting import Diverged, NonfiniteObjective, _handle_nonfinite
 from .space import NONE, Space, _check_strategies, param_name, suggest_strategy
 
@@ -98,7 +103,8 @@ def make_storage(
             return SQLiteStorage(
                 url, engine_kwargs={"connect_args": {"timeout": 60}}, **heartbeat
             )
-        return optuna.storages.RDBStorage(url, **heartbeat)
+        with creation_lock(url):
+            return optuna.storages.RDBStorage(url, **heartbeat)
 
 
 def _heartbeat_kwargs(
