@@ -308,3 +308,28 @@ def test_tune_validates_arguments():
         ct.tune(tiny_objective, n_trials=1, direction="down")
     with pytest.raises(ValueError, match="strategies must be a non-empty sequence"):
         ct.tune(tiny_objective, n_trials=1, strategies="norm")
+
+
+def test_summary_shows_clip_rates_and_flags_strategies_that_never_clipped():
+    study = ct.tune(
+        tiny_objective,
+        n_trials=6,
+        strategies=("norm", "percentile"),
+        # max_norm above every gradient norm of the tiny problem: norm never clips
+        spaces={"norm": {"max_norm": (1e5, 1e6, True)}},
+        baselines=False,
+        show_progress_bar=False,
+        worker_id=0,
+        seed=0,
+    )
+    summary = ct.summarize(study)
+    by_strategy = {r.strategy: r for r in [summary.best, *summary.per_strategy]}
+    assert by_strategy["norm"].clip_rate == 0.0
+    assert by_strategy["norm"].never_clipped
+    assert 0 < by_strategy["percentile"].clip_rate <= 1
+    assert not by_strategy["percentile"].never_clipped
+    text = str(summary)
+    assert "| clip rate |" in text.splitlines()[0]
+    assert "0% (never clipped)" in text
+    assert "never clipped, so the same as no clipping: norm" in text
+    assert summary.never_clipped == [f"norm ({by_strategy['norm'].label})"]

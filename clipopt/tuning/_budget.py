@@ -28,13 +28,14 @@ class BudgetSpent(Exception):  # noqa: N818  (an outcome, not a bug)
     """A trial started after the other workers had claimed the whole budget."""
 
 
-def _excluded(trials: Sequence[FrozenTrial]) -> set[int]:
+def excluded_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that do not count: retried failures and surplus trials."""
     surplus = {t.number for t in trials if SURPLUS_ATTR in t.user_attrs}
     return surplus | retried_numbers(trials)
 
 
 def _count(trials: Sequence[FrozenTrial], states: Sequence[TrialState]) -> int:
-    excluded = _excluded(trials)
+    excluded = excluded_numbers(trials)
     return sum(1 for t in trials if t.state in states and t.number not in excluded)
 
 
@@ -59,7 +60,7 @@ def claim(trial: optuna.Trial, n_trials: int) -> None:
         BudgetSpent: ``n_trials`` counted or running trials were created before it.
     """
     trials = trial.study.get_trials(deepcopy=False)
-    excluded = _excluded(trials)
+    excluded = excluded_numbers(trials)
     ahead = sum(
         1
         for t in trials

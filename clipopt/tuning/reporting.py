@@ -12,6 +12,9 @@ import torch
 from .._optimizer import ClippedOptimizer
 from .._validation import check_choice, check_int, check_range
 
+#: Trial user attribute: the share of the trial's steps that clipped.
+CLIP_RATE_ATTR = "clipopt:clip_rate"
+
 NonfiniteObjective = Literal["prune", "penalize", "raise"]
 
 
@@ -162,7 +165,7 @@ class TrialReporter:
             counts = self.optimizer.counts()
             attrs["clipopt:steps"] = float(counts["steps"])
             attrs["clipopt:skipped_steps"] = float(counts["skipped_steps"])
-            attrs["clipopt:clip_rate"] = float(
+            attrs[CLIP_RATE_ATTR] = float(
                 counts["clipped_steps"] / counts["steps"] if counts["steps"] else 0.0
             )
         if self._norms:

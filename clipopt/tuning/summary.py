@@ -11,6 +11,8 @@ from optuna.trial import TrialState
 
 from .._base import ClipStrategy
 from .._strategies import NormClip
+from ._budget import excluded_numbers
+from .reporting import CLIP_RATE_ATTR
 from .space import NONE, strategy_from_params
 from .study import _BASELINE_TAG
 
@@ -23,6 +25,12 @@ class _Row:
     value: float | None
     state: str
     number: int = -1
+    clip_rate: float | None = None
+
+    @property
+    def never_clipped(self) -> bool:
+        """A clipping strategy whose trial clipped no step: it acted as no clipping."""
+        return self.strategy != NONE and self.clip_rate == 0.0
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,10 @@ class TuningSummary:
     """The outcome of a study: the best strategy, and how it compares with baselines.
 
     ``str(summary)`` is a markdown table. Improvements are relative to the baseline's
-    value, positive when the best trial is better (lower when minimising).
+    value, positive when the best trial is better (lower when minimising). Each row
+    shows its trial's clip rate (the ``clipopt:clip_rate`` that :class:`TrialReporter`
+    records); a clipping strategy whose trial never clipped is flagged, because it
+    trained exactly as no clipping would.
 
     Attributes:
         best: The best trial as a row (label, strategy, params, value, state).
@@ -71,6 +82,12 @@ class TuningSummary:
                 return gain / abs(row.value)
         return None
 
+    @property
+    def never_clipped(self) -> list[str]:
+        """Strategies whose shown trial (best, or best of its strategy) never clipped."""
+        rows = [self.best, *self.per_strategy]
+        return [f"{r.strategy} ({r.label})" for r in rows if r.never_clipped]
+
     def to_markdown(self) -> str:
         """Return the summary as a markdown table."""
 
@@ -80,10 +97,17 @@ class TuningSummary:
         def fmt_value(row: _Row) -> str:
             return "-" if row.value is None else f"{row.value:.4g}"
 
+        def fmt_rate(row: _Row) -> str:
+            if row.clip_rate is None:
+                return "-"
+            return f"{row.clip_rate:.0%}" + (
+                " (never clipped)" if row.never_clipped else ""
+            )
+
         better = "lower" if self.direction == "minimize" else "higher"
         lines = [
-            f"| trial | strategy | parameters | value | best is {better} by |",
-            "| --- | --- | --- | --- | --- |",
+            f"| trial | strategy | parameters | value | clip rate | best is {better} by |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         sign = 1 if self.direction == "minimize" else -1
         for row in [self.best, *self.per_strategy, *self.baselines]:
@@ -97,13 +121,18 @@ class TuningSummary:
                 versus = "-"
             lines.append(
                 f"| {row.label} | {row.strategy} | {fmt_params(row.params)} | "
-                f"{fmt_value(row)} | {versus} |"
+                f"{fmt_value(row)} | {fmt_rate(row)} | {versus} |"
             )
         notes = []
         for label in ("no clipping", "max_norm=1.0"):
             gain = self.improvement_over(label)
             if gain is not None:
                 notes.append(f"improvement over {label}: {gain:.1%}")
+        if self.never_clipped:
+            notes.append(
+                "never clipped, so the same as no clipping: "
+                + ", ".join(self.never_clipped)
+            )
         counts = ", ".join(f"{v} {k.lower()}" for k, v in self.counts.items())
         return "\n".join([*lines, "", f"trials: {counts}", *notes])
 
@@ -126,7 +155,16 @@ def _row(
         k[len(lead) :]: float(v) for k, v in trial.params.items() if k.startswith(lead)
     }
     value = trial.value if trial.state == TrialState.COMPLETE else None
-    return _Row(label, str(name), params, value, trial.state.name, trial.number)
+    rate = trial.user_attrs.get(CLIP_RATE_ATTR)
+    return _Row(
+        label,
+        str(name),
+        params,
+        value,
+        trial.state.name,
+        trial.number,
+        None if rate is None else float(rate),
+    )
 
 
 def _is_none(strategy: ClipStrategy) -> bool:
@@ -146,10 +184,14 @@ def summarize(
         raise ValueError("the study has no completed trial yet")
     best = study.best_trial
     best_row = _row(best, f"#{best.number}", strategies, prefix)
+    trials = study.get_trials(deepcopy=False)
+    excluded = excluded_numbers(trials)  # a killed and retried baseline shows once
     baselines = [
         _row(t, str(t.user_attrs[_BASELINE_TAG]), strategies, prefix)
-        for t in study.get_trials(deepcopy=False)
-        if _BASELINE_TAG in t.user_attrs and t.state != TrialState.WAITING
+        for t in trials
+        if _BASELINE_TAG in t.user_attrs
+        and t.state != TrialState.WAITING
+        and t.number not in excluded
     ]
     shown = {best.number} | {b.number for b in baselines}
     per_strategy: dict[str, _Row] = {}
