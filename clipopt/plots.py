@@ -19,18 +19,19 @@ from ._monitor import GradRecorder, StatsHistory
 __all__ = ["plot_layer_heatmap", "plot_stats"]
 
 
-def _pyplot() -> Any:
+def _figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` on an Agg canvas: no pyplot, no global backend switch."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - matplotlib is a dev dependency
         raise ImportError(
             "clipopt.plots needs matplotlib: pip install matplotlib "
             "(or pip install 'clipopt[optuna]')"
         ) from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_stats(
@@ -62,9 +63,9 @@ def plot_stats(
         True
     """
     data = history.to_dict() if isinstance(history, StatsHistory) else history
-    plt = _pyplot()
     steps = list(range(len(data["norm"])))
-    fig, ax = plt.subplots(figsize=(8, 3.4), dpi=110)
+    fig = _figure(figsize=(8, 3.4), dpi=110)
+    ax = fig.subplots()
     ax.plot(steps, data["norm"], color="0.45", lw=1, label="pre-clip norm")
     post = [n * c for n, c in zip(data["norm"], data["coef"], strict=True)]
     ax.plot(steps, post, color="tab:blue", lw=1, label="after clipping")
@@ -95,7 +96,7 @@ def plot_stats(
     ax.set_ylabel("gradient norm")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def plot_layer_heatmap(
@@ -124,7 +125,6 @@ def plot_layer_heatmap(
     rows = recorder.history
     if not rows:
         raise ValueError("the recorder has no recorded step")
-    plt = _pyplot()
     names = recorder.names[:max_params]
     grid = [
         [
@@ -134,20 +134,20 @@ def plot_layer_heatmap(
         for row in rows
     ]
     columns = list(map(list, zip(*grid, strict=True)))
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.18 * len(names) + 1.2)), dpi=110)
+    fig = _figure(figsize=(8, max(2.5, 0.18 * len(names) + 1.2)), dpi=110)
+    ax = fig.subplots()
     image = ax.imshow(columns, aspect="auto", interpolation="nearest", cmap="magma")
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=6)
     ax.set_xlabel("recorded step")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="log10 gradient norm")
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
-def _save(plt: Any, fig: Any, path: str | os.PathLike[str]) -> pathlib.Path:
+def _save(fig: Any, path: str | os.PathLike[str]) -> pathlib.Path:
     fig.tight_layout()
     out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out
