@@ -60,10 +60,17 @@ def creation_lock(url: str) -> Iterator[None]:
     which workers opening a fresh database together would all run ("table studies
     already exists" on SQLite, a duplicate ``studydirection`` type on PostgreSQL). SQLite
     takes a lock file beside the database (``<file>.lock``, left in place), PostgreSQL a
-    session-level advisory lock; other URLs take none.
+    session-level advisory lock; a journal file (a path, no ``://``) a lock file beside
+    it; other URLs take none. :func:`clipopt.tuning.tune` also enqueues its baselines
+    under it, so that workers starting together enqueue them once.
     """
+    from filelock import FileLock
     from sqlalchemy.engine import make_url
 
+    if "://" not in url:
+        with FileLock(f"{url}.lock", timeout=120):
+            yield
+        return
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql":
         with _advisory_lock(url):
@@ -78,8 +85,6 @@ def creation_lock(url: str) -> Iterator[None]:
     ):
         yield
         return
-    from filelock import FileLock
-
     with FileLock(f"{database}.lock", timeout=120):
         yield
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -107,6 +108,15 @@ def make_storage(
             return optuna.storages.RDBStorage(url, **heartbeat)
 
 
+def _lock(spec: str | optuna.storages.BaseStorage | None) -> Any:
+    """The inter-process lock of a storage given as a string (else none)."""
+    if not isinstance(spec, str):
+        return contextlib.nullcontext()
+    if spec.endswith(".db") and "://" not in spec:
+        spec = f"sqlite:///{spec}"
+    return creation_lock(spec)
+
+
 def _heartbeat_kwargs(
     interval: int | None, grace_period: int | None, max_retry: int | None
 ) -> dict[str, Any]:
@@ -180,8 +190,9 @@ def enqueue_baselines(
     """Enqueue the baseline trials once per study; return the labels enqueued now.
 
     A study attribute marks them as enqueued, so later workers and resumes skip them.
-    (Workers that start at the same instant may both enqueue; ``skip_if_exists`` then
-    catches most duplicates. Call it from one process first to be exact.)
+    Workers that call it at the same instant may both enqueue (``skip_if_exists`` then
+    catches most duplicates): :func:`tune` calls it under the storage's inter-process
+    lock when the storage is given as a string; otherwise call it from one process.
     """
     if study.user_attrs.get(_BASELINES_ATTR):
         return []
@@ -293,7 +304,9 @@ def tune(
         sampler if sampler is not None else optuna.samplers.TPESampler(seed=effective_seed)
     )
     if baselines:
-        enqueue_baselines(study, names, prefix)
+        # under the storage's lock: workers starting together would each enqueue them
+        with _lock(storage):
+            enqueue_baselines(study, names, prefix)
     worker = (
         str(worker_id) if worker_id is not None else f"{socket.gethostname()}:{os.getpid()}"
     )
