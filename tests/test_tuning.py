@@ -333,3 +333,10 @@ def test_summary_shows_clip_rates_and_flags_strategies_that_never_clipped():
     assert "0% (never clipped)" in text
     assert "never clipped, so the same as no clipping: norm" in text
     assert summary.never_clipped == [f"norm ({by_strategy['norm'].label})"]
+
+
+def test_reporter_names_the_optimizer_it_needs():
+    trial = optuna.create_study().ask()
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(TypeError, match=r"optimizer must be a clipopt.ClippedOptimizer"):
+        ct.TrialReporter(trial, sgd)

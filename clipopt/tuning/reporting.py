@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Literal
 
 import numpy as np
@@ -45,6 +46,22 @@ def _handle_nonfinite(
         assert penalty is not None  # checked by the callers' constructors
         raise Diverged(penalty, step)
     raise ValueError(f"the objective value is not finite: {value} (step {step})")
+
+
+#: What TrialReporter records from: an object with ``counts()``, ``last_stats`` and
+#: ``register_step_post_hook``. Widen it to a union (``A | B``) to accept more types.
+Recorded = ClippedOptimizer
+
+
+def _check_optimizer(optimizer: object) -> Recorded | None:
+    if optimizer is None or isinstance(optimizer, Recorded):
+        return optimizer
+    kinds = typing.get_args(Recorded) or (Recorded,)
+    names = " or ".join(f"clipopt.{kind.__name__}" for kind in kinds)
+    raise TypeError(
+        f"optimizer must be a {names} or None, got {type(optimizer).__name__}; "
+        "wrap it: clipopt.ClippedOptimizer(optimizer, strategy)"
+    )
 
 
 class TrialReporter:
@@ -92,20 +109,15 @@ class TrialReporter:
     def __init__(
         self,
         trial: optuna.trial.BaseTrial,
-        optimizer: ClippedOptimizer | None = None,
+        optimizer: Recorded | None = None,
         *,
         total_steps: int | None = None,
         warmup_fraction: float = 0.4,
         on_nonfinite: NonfiniteObjective = "prune",
         penalty: float | None = None,
     ) -> None:
-        if optimizer is not None and not isinstance(optimizer, ClippedOptimizer):
-            raise TypeError(
-                "optimizer must be a clipopt.ClippedOptimizer or None, "
-                f"got {type(optimizer).__name__}"
-            )
         self.trial = trial
-        self.optimizer = optimizer
+        self.optimizer = _check_optimizer(optimizer)
         self.total_steps = (
             None
             if total_steps is None
