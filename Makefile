@@ -9,6 +9,9 @@ STAMP := $(VENV)/.clipopt-installed
 # Pinned versions of every tool and extra (not torch): see the file's header.
 CONSTRAINTS := requirements/constraints.txt
 PIN := '^(torch|clipopt|pip|setuptools|wheel)(==| @)'
+# make demo: its own lighter environment (torch and clipopt[optuna], no dev/docs extras)
+DEMO_VENV ?= .venv-demo
+DEMO_STAMP := $(DEMO_VENV)/.clipopt-demo-installed
 
 .PHONY: setup test lint typecheck pytest docs demo plots bench lock clean
 
@@ -46,8 +49,17 @@ docs: setup
 
 test: lint typecheck pytest docs
 
-demo: setup
-	$(BIN)/python examples/tune_max_norm.py
+$(DEMO_STAMP): pyproject.toml Makefile
+	@start=$$(date +%s); set -e; \
+	test -x $(DEMO_VENV)/bin/python || $(PYTHON) -m venv $(DEMO_VENV); \
+	$(DEMO_VENV)/bin/python -m pip install --quiet "$(TORCH)"; \
+	$(DEMO_VENV)/bin/python -m pip install --quiet -e ".[optuna]"; \
+	touch $(DEMO_STAMP); \
+	echo "demo: setup took $$(( $$(date +%s) - start )) s ($$(du -sh $(DEMO_VENV) | cut -f1))"
+
+demo: $(DEMO_STAMP)
+	@start=$$(date +%s); $(DEMO_VENV)/bin/python examples/tune_max_norm.py && \
+	echo "demo: the job took $$(( $$(date +%s) - start )) s"
 
 plots: setup
 	$(BIN)/python docs/make_plots.py
@@ -57,4 +69,4 @@ bench: setup
 
 
 clean:
-	rm -rf $(VENV) .venv-lock site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_VENV) .venv-lock site .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,7 @@
 import pathlib
 
+import torch
+
 from tests.conftest import load_script
 
 EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
@@ -26,6 +28,7 @@ def test_adaptive_strategies_all_beat_no_clipping():
 
 
 def test_tune_max_norm_demo_runs_and_resumes(tmp_path):
+    threads = torch.get_num_threads()
     demo = _load("tune_max_norm")
     kwargs = dict(
         steps=30,
@@ -44,3 +47,4 @@ def test_tune_max_norm_demo_runs_and_resumes(tmp_path):
     again = demo.main(trials=2, **kwargs)  # the same study, resumed
     assert sum(again.counts.values()) == 6
     assert (tmp_path / "plots" / "objective_vs_threshold.png").exists()
+    assert torch.get_num_threads() == threads  # main() leaves global state alone

@@ -1,6 +1,5 @@
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -148,47 +147,6 @@ def test_global_budget_resume_and_baselines_once(tmp_path):
     assert len(baselines) == 3
     seeds = {t.user_attrs["clipopt:sampler_seed"] for t in study.trials}
     assert len(seeds) == 2  # a distinct seed for the resumed run
-
-
-def test_two_worker_processes_share_one_sqlite_study(tmp_path):
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    optuna.create_study(storage=ct.make_storage(url), study_name="shared")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "tests" / "tuning_worker.py"),
-                url,
-                "10",
-                str(i),
-                str(tmp_path),
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [w.communicate(timeout=300) for w in workers]
-    for w, (_, err) in zip(workers, outputs, strict=True):
-        assert w.returncode == 0, err
-    study = optuna.load_study(study_name="shared", storage=url)
-    finished = ct.count_finished(study)
-    assert 10 <= finished <= 11  # global budget; may overshoot by workers - 1
-    by_worker = {}
-    for t in study.trials:
-        if "clipopt:worker" in t.user_attrs:
-            by_worker.setdefault(t.user_attrs["clipopt:worker"], set()).add(
-                t.user_attrs["clipopt:sampler_seed"]
-            )
-    assert len(by_worker) == 2, by_worker  # both workers ran trials...
-    seeds = [s for v in by_worker.values() for s in v]
-    assert len(seeds) == len(set(seeds)) == 2  # ...with different sampler seeds
-    baselines = [t for t in study.trials if "clipopt:baseline" in t.user_attrs]
-    assert len(baselines) == 2  # none and max_norm=1.0, enqueued once
 
 
 def test_diverging_trial_is_pruned_not_failed():
@@ -350,3 +308,35 @@ def test_tune_validates_arguments():
         ct.tune(tiny_objective, n_trials=1, direction="down")
     with pytest.raises(ValueError, match="strategies must be a non-empty sequence"):
         ct.tune(tiny_objective, n_trials=1, strategies="norm")
+
+
+def test_summary_shows_clip_rates_and_flags_strategies_that_never_clipped():
+    study = ct.tune(
+        tiny_objective,
+        n_trials=6,
+        strategies=("norm", "percentile"),
+        # max_norm above every gradient norm of the tiny problem: norm never clips
+        spaces={"norm": {"max_norm": (1e5, 1e6, True)}},
+        baselines=False,
+        show_progress_bar=False,
+        worker_id=0,
+        seed=0,
+    )
+    summary = ct.summarize(study)
+    by_strategy = {r.strategy: r for r in [summary.best, *summary.per_strategy]}
+    assert by_strategy["norm"].clip_rate == 0.0
+    assert by_strategy["norm"].never_clipped
+    assert 0 < by_strategy["percentile"].clip_rate <= 1
+    assert not by_strategy["percentile"].never_clipped
+    text = str(summary)
+    assert "| clip rate |" in text.splitlines()[0]
+    assert "0% (never clipped)" in text
+    assert "never clipped, so the same as no clipping: norm" in text
+    assert summary.never_clipped == [f"norm ({by_strategy['norm'].label})"]
+
+
+def test_reporter_names_the_optimizer_it_needs():
+    trial = optuna.create_study().ask()
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(TypeError, match=r"optimizer must be a clipopt.ClippedOptimizer"):
+        ct.TrialReporter(trial, sgd)
