@@ -7,31 +7,26 @@ no Python branch on a tensor), so it never reads the device, and its state is a 
 number of tensors (one value per parameter tensor, or per run) that
 :meth:`state_dict` returns.
 
-Rules (``clip_`` of each):
+Rules:
 
-* :class:`RelativeClip` - the family the recommended default comes from. Per tensor
-  (``scope="tensor"``) or for the total norm (``scope="global"``): a reference level
-  :math:`\\gamma` seeded from the first step's own norm, a threshold
-  :math:`\\tau = c\\,\\gamma`, and an update of :math:`\\gamma` from the clipped norm with
-  separate EMA factors for decreasing and increasing norms (``beta_down``, ``beta_up``),
-  optionally a running minimum during the first ``min_steps`` steps.
-* :class:`LogZClip` - mean and variance of the log norm (EMA), threshold
-  :math:`\\exp(\\mu + k\\sigma)`: a z-score rule in log space, seeded from step 0.
-* :class:`SpikeSkip` - OLMo-core's step-skipping rule (see its docstring).
-
-The exact rule recommended as clipopt's default is :func:`recommended`.
+* :class:`RelativeClip` - the family every candidate default comes from: a reference
+  level seeded from the run's first step, an asymmetric EMA of the (capped) norm, a
+  threshold ``c`` times the reference, a clipping warm-up over the first ``ramp``
+  steps; per tensor or for the total norm. The recommended default is
+  :func:`recommended` (constants in :data:`RECOMMENDED`).
+* :class:`SpikeSkip` - OLMo-core's step-skipping rule (see its docstring), composable
+  with any clipping rule.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LogZClip", "RelativeClip", "SpikeSkip", "recommended"]
+__all__ = ["RECOMMENDED", "RelativeClip", "SpikeSkip", "recommended"]
 
 
 def _grads(params: list[Tensor]) -> list[Tensor]:
@@ -51,33 +46,40 @@ def _scale(grads: list[Tensor], coefs: Tensor) -> None:
 
 
 class RelativeClip:
-    r"""Clip each tensor (or the total norm) to ``c`` times its own reference level.
+    r"""Clip the total norm (or each tensor's norm) to ``c`` times its own reference level.
 
-    For tensor :math:`i` with gradient norm :math:`m_i` at step :math:`t` (counting only
-    steps whose norm is finite and > 0):
+    With :math:`m_t` the gradient norm at step :math:`t` (the total norm with
+    ``scope="global"``, else each tensor's, element-wise), :math:`t` counting the steps
+    whose norm was finite and > 0:
 
     .. math::
 
-        t = 0:&\quad \gamma_i \leftarrow m_i,\ \text{no clipping}\ (\text{or } g_i
-        \text{ kept as is}) \\
-        t \ge 1:&\quad \tau_i = c\,\gamma_i,\qquad g_i \leftarrow g_i \min(1,
-        \tau_i / m_i),\qquad x_i = \min(m_i, \tau_i) \\
-        &\quad \gamma_i \leftarrow
-        \begin{cases}
-          \min(\gamma_i, x_i) & t < \text{min\_steps} \\
-          \gamma_i + (1-\beta_\downarrow)(x_i - \gamma_i) & x_i < \gamma_i \\
-          \gamma_i + (1-\beta_\uparrow)(x_i - \gamma_i) & x_i \ge \gamma_i
-        \end{cases}
+        \gamma_0 &= m_0 \quad\text{(the first usable step seeds the reference)} \\
+        r_t &= \min\left(1, \frac{t+1}{R}\right) \quad (r_t = 1 \text{ if } R = 0) \\
+        \tau_t &= c\, r_t\, \gamma_t, \qquad
+        g \leftarrow g \cdot \min\left(1, \frac{\tau_t}{m_t}\right) \\
+        x_t &= \min(m_t, K \gamma_t) \\
+        \gamma_{t+1} &= \gamma_t + (1-\beta)(x_t - \gamma_t), \qquad
+        \beta = \begin{cases} \beta_\downarrow & x_t < \gamma_t \\
+        \beta_\uparrow & x_t \ge \gamma_t \end{cases}
 
-    With ``log=True`` the EMA runs on :math:`\log\gamma` and :math:`\log x` (a geometric
-    mean, less pulled by the largest norms). ``scope="global"`` applies the same rule to
-    the total norm with one :math:`\gamma`.
+    * :math:`\gamma` follows the run's own (unclipped, capped) norm, so no scale is
+      assumed: multiplying the loss by any constant multiplies every threshold by it.
+    * The cap :math:`K` bounds how fast the reference can grow, whatever the gradients do:
+      by at most :math:`1 + (K-1)(1-\beta_\uparrow)` per step (1% for K=2,
+      :math:`\beta_\uparrow=0.99`), so an explosion cannot drag the threshold up with
+      it. A reference fed the *clipped* norm instead (``cap=c``, as AdaGC) cannot use
+      ``c < 1``: it would shrink to zero.
+    * :math:`R` is the safe rule for the first steps: step :math:`t < R` passes at most
+      :math:`(t+1)/R` of the threshold, a clipping warm-up that bounds the first updates
+      by a growing fraction of step 0's own norm (no history is needed).
+    * ``min_steps`` (tried, not recommended): :math:`\gamma \leftarrow \min(\gamma, x)`
+      for the first ``min_steps`` steps, AdaGC's running-minimum warm-up without its
+      absolute ``max_norm``. ``log=True`` (tried): the EMA runs on :math:`\log\gamma`.
 
-    Since :math:`\tau` is a multiple of the run's own norm, the rule does not assume any
-    natural scale; since :math:`x \le \tau = c\gamma`, the reference can grow by at most
-    a factor :math:`1 + (c-1)(1-\beta_\uparrow)` per step, whatever the gradients do.
-
-    State: ``gamma`` (one float per tensor, or one), ``count`` (an integer).
+    Per tensor, a tensor is seeded on its own first usable step (a zero-initialised
+    layer's gradient may be zero at first). State: ``gamma`` (one float, or one per
+    tensor), ``seen`` (bools, same shape) and ``count`` (an integer): fixed size.
     """
 
     def __init__(
@@ -88,11 +90,10 @@ class RelativeClip:
         beta_down: float | None = None,
         *,
         scope: str = "tensor",
+        cap: float | None = None,
+        ramp: int = 0,
         min_steps: int = 0,
         log: bool = False,
-        clip_first: bool = False,
-        ramp: int = 0,
-        cap: float | None = None,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.c = float(c)
@@ -101,17 +102,23 @@ class RelativeClip:
         if scope not in ("tensor", "global"):
             raise ValueError(f"scope must be 'tensor' or 'global', got {scope!r}")
         self.scope = scope
+        self.cap = self.c if cap is None else float(cap)
+        if self.cap < 1:
+            raise ValueError("cap must be >= 1, or the reference shrinks to zero")
+        self.ramp = int(ramp)
         self.min_steps = int(min_steps)
         self.log = bool(log)
-        self.clip_first = bool(clip_first)
-        self.ramp = int(ramp)
-        self.cap = self.c if cap is None else float(cap)
         size = len(self.params) if scope == "tensor" else 1
         self.gamma = torch.zeros(size)
+        self.seen = torch.zeros(size, dtype=torch.bool)
         self.count = torch.zeros((), dtype=torch.int64)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"gamma": self.gamma.clone(), "count": self.count.clone()}
+        return {
+            "gamma": self.gamma.clone(),
+            "seen": self.seen.clone(),
+            "count": self.count.clone(),
+        }
 
     @torch.no_grad()
     def clip_(self) -> Tensor:
@@ -122,16 +129,11 @@ class RelativeClip:
         per = _norms(grads)
         m = per if self.scope == "tensor" else per.square().sum().sqrt().reshape(1)
         usable = torch.isfinite(m) & (m > 0)
-        first = self.count == 0
-        gamma = torch.where(first, m, self.gamma)  # step 0 seeds the reference
+        gamma = torch.where(self.seen, self.gamma, m)  # a first usable step seeds it
         tau = self.c * gamma
-        applied = tau
-        if self.ramp:  # threshold warm-up: step t may pass (t+1)/ramp of c * gamma
-            frac = ((self.count + 1).float() / self.ramp).clamp(max=1.0)
-            applied = torch.where(first, gamma, tau) * frac
-        coef = torch.where(usable & (m > applied), applied / m, torch.ones_like(m))
-        if not self.clip_first and not self.ramp:
-            coef = torch.where(first, torch.ones_like(coef), coef)
+        if self.ramp:  # the first steps pass a growing fraction of the threshold
+            tau = tau * ((self.count + 1).float() / self.ramp).clamp(max=1.0)
+        coef = torch.where(usable & (m > tau), tau / m, torch.ones_like(m))
         x = torch.minimum(m, self.cap * gamma)  # what the reference sees: capped
         if self.log:
             lg, lx = gamma.clamp(min=1e-30).log(), x.clamp(min=1e-30).log()
@@ -140,71 +142,11 @@ class RelativeClip:
         else:
             beta = torch.where(x < gamma, self.beta_down, self.beta_up)
             ema = gamma + (1 - beta) * (x - gamma)
-        warming = self.count < self.min_steps
-        new = torch.where(warming, torch.minimum(gamma, x), ema)
-        new = torch.where(first, m, new)
+        new = torch.where(self.count < self.min_steps, torch.minimum(gamma, x), ema)
+        new = torch.where(self.seen, new, m)
         self.gamma = torch.where(usable, new, self.gamma)
-        self.count = self.count + usable.all().to(self.count.dtype)
-        if self.scope == "global":
-            coef = coef.expand(len(grads))
-        _scale(grads, coef)
-        return coef
-
-
-class LogZClip:
-    r"""Z-score clipping in log space, seeded from step 0.
-
-    :math:`\ell = \log m` (per tensor or global); EMAs :math:`\mu` and :math:`s^2` of
-    :math:`\ell` and its squared deviation; threshold
-    :math:`\tau = \exp(\mu + k \max(s, s_{min}))`. Step 0 seeds :math:`\mu = \ell_0`,
-    :math:`s^2 = 0`; the clipped log norm :math:`\min(\ell, \log\tau)` enters the EMAs.
-    ``s_min`` (in nats) keeps the first steps, where :math:`s = 0`, from clipping
-    everything to the first norm: ``k * s_min = log 2`` allows a factor 2.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Tensor],
-        k: float = 3.0,
-        beta: float = 0.98,
-        s_min: float = 0.25,
-        *,
-        scope: str = "tensor",
-    ) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.k, self.beta, self.s_min, self.scope = (
-            float(k),
-            float(beta),
-            float(s_min),
-            scope,
-        )
-        size = len(self.params) if scope == "tensor" else 1
-        self.mu = torch.zeros(size)
-        self.var = torch.zeros(size)
-        self.count = torch.zeros((), dtype=torch.int64)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"mu": self.mu.clone(), "var": self.var.clone(), "count": self.count.clone()}
-
-    @torch.no_grad()
-    def clip_(self) -> Tensor:
-        grads = _grads(self.params)
-        per = _norms(grads)
-        m = per if self.scope == "tensor" else per.square().sum().sqrt().reshape(1)
-        usable = torch.isfinite(m) & (m > 0)
-        lm = m.clamp(min=1e-30).log()
-        first = self.count == 0
-        mu = torch.where(first, lm, self.mu)
-        var = torch.where(first, torch.zeros_like(self.var), self.var)
-        log_tau = mu + self.k * var.sqrt().clamp(min=self.s_min)
-        tau = log_tau.exp()
-        coef = torch.where(usable & (m > tau) & ~first, tau / m, torch.ones_like(m))
-        x = torch.minimum(lm, log_tau)
-        new_mu = self.beta * mu + (1 - self.beta) * x
-        new_var = self.beta * var + (1 - self.beta) * (x - mu).square()
-        self.mu = torch.where(usable, torch.where(first, lm, new_mu), self.mu)
-        self.var = torch.where(usable, torch.where(first, var, new_var), self.var)
-        self.count = self.count + usable.all().to(self.count.dtype)
+        self.seen = self.seen | usable
+        self.count = self.count + usable.any().to(self.count.dtype)
         if self.scope == "global":
             coef = coef.expand(len(grads))
         _scale(grads, coef)
@@ -301,9 +243,20 @@ class SpikeSkip:
         return ~bad
 
 
-def recommended(params: Iterable[Tensor]) -> Any:
+#: The recommended default's constants (README, "The recommended default").
+RECOMMENDED: dict[str, Any] = {
+    "c": 0.4,
+    "cap": 2.0,
+    "beta_up": 0.99,
+    "beta_down": 0.98,
+    "ramp": 20,
+    "scope": "global",
+}
+
+
+def recommended(params: Iterable[Tensor]) -> RelativeClip:
     """The rule recommended as ``ClippedOptimizer(opt)``'s default (see README)."""
-    return RelativeClip(params, c=2.0, beta_up=0.99, scope="tensor")
+    return RelativeClip(params, **RECOMMENDED)
 
 
 def describe(rule: Any) -> str:
@@ -312,12 +265,13 @@ def describe(rule: Any) -> str:
         parts = [f"c={rule.c:g}", f"beta_up={rule.beta_up:g}"]
         if rule.beta_down != rule.beta_up:
             parts.append(f"beta_down={rule.beta_down:g}")
+        if rule.cap != rule.c:
+            parts.append(f"cap={rule.cap:g}")
+        if rule.ramp:
+            parts.append(f"ramp={rule.ramp}")
         if rule.min_steps:
             parts.append(f"min_steps={rule.min_steps}")
         if rule.log:
             parts.append("log")
         return f"RelativeClip({rule.scope}, {', '.join(parts)})"
     return type(rule).__name__
-
-
-_ = math  # kept for the docstrings' math

@@ -180,21 +180,24 @@ def _rel(**kw: Any) -> Callable[[list[Tensor]], Any]:
     return lambda params: C.RelativeClip(params, **kw)
 
 
-def _logz(**kw: Any) -> Callable[[list[Tensor]], Any]:
-    return lambda params: C.LogZClip(params, **kw)
-
-
 def candidate_methods() -> list[Method]:
-    """Every candidate rule evaluated in the design study (README, "Candidates")."""
-    out: list[Method] = [candidate("recommended default", C.recommended)]
-    for c in (1.5, 2.0, 3.0):
-        for scope in ("tensor", "global"):
-            out.append(candidate(f"rel {scope} c={c:g}", _rel(c=c, scope=scope)))
-    out.append(candidate("rel tensor c=2 asym", _rel(c=2.0, beta_up=0.99, beta_down=0.9)))
-    out.append(candidate("rel tensor c=2 min20", _rel(c=2.0, min_steps=20)))
-    out.append(candidate("rel tensor c=2 log", _rel(c=2.0, log=True)))
-    out.append(candidate("logz tensor k=3", _logz(k=3.0)))
-    return out
+    """The candidate rules kept in the full run (README, "Candidates" has the sweep)."""
+    rec = dict(C.RECOMMENDED)
+    return [
+        candidate("recommended default", C.recommended),
+        candidate("rec. without ramp", _rel(**{**rec, "ramp": 0})),
+        candidate("rec. per tensor", _rel(**{**rec, "scope": "tensor"})),
+        candidate("rec. with c=0.5", _rel(**{**rec, "c": 0.5})),
+        candidate(
+            "light: tensor c=1, K=2, ramp",
+            _rel(c=1.0, cap=2.0, beta_up=0.99, beta_down=0.9, ramp=20),
+        ),
+        candidate("naive: tensor EMA c=2", _rel(c=2.0, beta_up=0.99)),
+        candidate(
+            "AdaGC-relative: tensor c=1.04, min 20, ramp",
+            _rel(c=1.04, beta_up=0.99, min_steps=20, ramp=20),
+        ),
+    ]
 
 
 def gate_methods(default: Method) -> list[Method]:

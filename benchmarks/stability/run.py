@@ -42,7 +42,8 @@ from . import report
 from .tasks import TASKS, Task
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-DEFAULT_METHODS = "none,grid,builtins,default,gates"
+DEFAULT_METHODS = "all"
+QUICK_METHODS = "none,grid,builtins,default,gates"
 #: Grid values within this relative distance of the best mean tie (as happens when every
 #: step is clipped under a scale-invariant optimizer like Adam); the largest one wins.
 TIE = 5e-4
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="CI subset: 2 seeds, coarse grid")
     ap.add_argument("--tasks", default="all", help="comma-separated task names, or all")
     ap.add_argument("--seeds", default=None, help="count (10), range (0-9) or list")
-    ap.add_argument("--methods", default=DEFAULT_METHODS, help="groups or method names")
+    ap.add_argument("--methods", default=None, help="groups or method names")
     ap.add_argument("--out", default=None, help="output path without suffix")
     ap.add_argument("--append", action="store_true", help="merge into an existing json")
     ap.add_argument("--per-decade", type=int, default=None, help="grid points per decade")
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     seeds = parse_seeds(args.seeds or ("2" if args.quick else "10"))
     per_decade = args.per_decade or (1 if args.quick else 2)
+    args.methods = args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS)
     out = (
         pathlib.Path(args.out)
         if args.out
