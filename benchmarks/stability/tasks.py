@@ -297,7 +297,7 @@ TASK_TRANSFORMER = Task(
         "corrupt": 4,
         "lr": 1e-2,
     },
-    grid=(-3.0, 2.0),
+    grid=(-4.0, 2.0),
 )
 
 
@@ -546,7 +546,7 @@ TASK_CLASSIFIER = Task(
     steps=400,
     build=_classifier,
     info={"batch": 64, "classes": 10, "corrupt": 4, "factor": 30.0, "lr": 4e-3},
-    grid=(-3.0, 2.0),
+    grid=(-4.0, 2.0),
 )
 
 
