@@ -1,0 +1,1 @@
+"""Stability benchmark: small tasks whose gradients explode or spike (see README.md)."""
