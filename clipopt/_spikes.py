@@ -2,7 +2,7 @@
 
 OLMo 2 and OLMo 3 train with a step-skipping AdamW (OLMo-core ``SkipStepOptimizer``):
 a step is skipped when its loss or gradient norm is more than ``sigma`` standard
-deviations from the mean of the last ``window`` values, once ``min_samples`` values
+deviations above the mean of the last ``window`` values, once ``min_samples`` values
 are known. :class:`SpikeSkip` applies that rule to any optimizer and any strategy.
 """
 
@@ -31,13 +31,15 @@ class SpikeSkip:
     .. math::
 
         \text{spike} \iff n \ge \text{min\_samples} \ \text{and}\
-        \frac{|x - \mu|}{s} > \sigma
+        \frac{x - \mu}{s} > \sigma
 
     A step is skipped when any series spikes: the optimizer does not step (its step
     counters and moments stay as they were), the strategy's state is left alone, and the
     step counts as a *spike* (``counts()["spike_steps"]``), apart from non-finite skips.
     These are OLMo-core's rule and defaults (sigma 6, window 128, active after 64
-    samples), with two guards of our own:
+    samples; one-sided, as in OLMo-core since its first version: a step whose loss or
+    norm falls suddenly, as at a learning-rate drop, is no spike), with two guards of
+    our own:
 
     - outliers are kept out of the window, except the ``patience``-th outlier in a row,
       which enters it: a lasting change of level (a new phase of training) then becomes
@@ -50,7 +52,8 @@ class SpikeSkip:
     costs the one read ``nonfinite="skip"`` makes anyway.
 
     Args:
-        sigma: Outliers are more than this many standard deviations away, > 0.
+        sigma: Outliers are more than this many standard deviations above the mean,
+            > 0.
         window: How many recent accepted values make the statistics, >= 2.
         min_samples: Accepted values needed before anything is an outlier, >= 2.
         patience: The so-many-th outlier in a row enters the window, >= 1.
@@ -117,7 +120,7 @@ class SpikeSkip:
         mean = torch.where(valid, values, 0.0).sum() / n.clamp(min=1)
         var = torch.where(valid, (values - mean).square(), 0.0).sum() / (size - 1)
         std = var.sqrt()
-        z = torch.where(std > 0, (x - mean).abs() / std, 0.0)
+        z = torch.where(std > 0, (x - mean) / std, 0.0)  # one-sided: only rises
         return (n >= self.min_samples) & torch.isfinite(x) & (z > self.sigma)
 
     def record(self, name: str, value: Tensor, outlier: Tensor, keep: Tensor) -> None:

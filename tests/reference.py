@@ -174,10 +174,11 @@ class AdaGCReference:
 
 class SpikeSkipReference:
     """OLMo-core's step-skipping rule (``SkipStepOptimizer.get_step_factor``): a value
-    whose distance to the mean of the previous window is more than ``sigma`` (sample)
-    standard deviations is an outlier, once ``min_samples`` values are known. With
-    clipopt's two guards: outliers stay out of the window except the ``patience``-th in
-    a row, and a window without spread calls nothing an outlier. Plain Python floats."""
+    more than ``sigma`` (sample) standard deviations above the mean of the previous
+    window is an outlier (one-sided, as OLMo-core's ``(x - mean) <= sigma * std``),
+    once ``min_samples`` values are known. With clipopt's two guards: outliers stay out
+    of the window except the ``patience``-th in a row, and a window without spread calls
+    nothing an outlier. Plain Python floats."""
 
     def __init__(self, sigma=6.0, window=128, min_samples=64, patience=3):
         self.sigma, self.window, self.min_samples = sigma, window, min_samples
@@ -191,7 +192,7 @@ class SpikeSkipReference:
             return False
         mean = sum(seen) / len(seen)
         std = math.sqrt(sum((v - mean) ** 2 for v in seen) / (len(seen) - 1))
-        return std > 0 and abs(x - mean) / std > self.sigma
+        return std > 0 and (x - mean) / std > self.sigma
 
     def step(self, norm, loss=None, other_skip=False):
         """Return whether the step is skipped as a spike, and record the values."""

@@ -61,6 +61,15 @@ def test_the_loss_is_a_second_series(norms, losses):
     assert skipped == [ref.step(n, loss) for n, loss in zip(norms, losses, strict=True)]
 
 
+def test_a_sudden_drop_is_no_spike():
+    """One-sided, as OLMo-core: a loss or norm that falls (an LR decay) still steps."""
+    calm = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98]
+    skipped, _, _ = _drive([*calm, 1e-3, 1e-3], losses=[*calm, 1e-4, 1e-4])
+    assert not any(skipped)
+    skipped, _, _ = _drive([*calm, 50.0])
+    assert skipped[-1]  # while a rise of the same size is
+
+
 def test_a_lasting_change_of_level_becomes_the_new_normal():
     norms = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0] + [10.0, 10.1, 9.9, 10.0] * 4
     skipped, _, _ = _drive(norms)
