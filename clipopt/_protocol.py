@@ -232,6 +232,9 @@ class ClipStrategy(ABC):
     - ``sparse_gradients``: sparse gradients are supported (their values are clipped).
     - ``group_keys``: the ``param_groups`` keys the strategy reads (e.g.
       ``"clipopt_max_norm"``); any other ``"clipopt_*"`` key is reported as a mistake.
+    - ``clips_most_steps``: clipping nearly every step is the design (the default
+      strategy's threshold sits below the typical norm), so monitoring does not warn
+      about a threshold set too low.
 
     Stateful strategies override :meth:`state_dict`, :meth:`load_state_dict`,
     :meth:`check_state_dict` and :meth:`reset`; state holds tensors and plain numbers
@@ -266,6 +269,7 @@ class ClipStrategy(ABC):
     exact_norms: bool = True
     sparse_gradients: bool = False
     group_keys: tuple[str, ...] = ()
+    clips_most_steps: bool = False
 
     def plan(self, inputs: ClipInputs) -> Any:
         """Derive what depends only on the layout; the engine calls it once per layout.

@@ -174,6 +174,24 @@ def test_warns_when_clipping_always_or_never_fires():
         _train(model, never, batches(6))
 
 
+@pytest.mark.parametrize("chained", [False, True])
+def test_the_default_clips_every_step_by_design_so_no_warning(chained):
+    """The default's threshold sits below the typical norm: no "threshold too low"."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    strategy = clipopt.RelativeClip()
+    if chained:
+        strategy = clipopt.Chain(strategy, clipopt.NormClip(1e9))
+    opt = ClippedOptimizer(torch.optim.SGD([p], lr=0.0), strategy)
+    clipopt.log_stats(opt, lambda s, step: None, every=1, warn_after=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            p.grad = torch.tensor([1.0, 2.0, 2.0])
+            opt.step()
+    assert opt.counts()["clipped_steps"] == 6  # it did clip every step
+    assert not [w for w in caught if "fired on every one" in str(w.message)]
+
+
 def test_no_gradient_warning_is_rate_limited():
     opt = ClippedOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1))
     with warnings.catch_warnings(record=True) as caught:

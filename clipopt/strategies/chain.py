@@ -59,6 +59,7 @@ class Chain(ClipStrategy):
         self.exact_norms = any(s.exact_norms for s in members)
         self.sparse_gradients = all(s.sparse_gradients for s in members)
         self.group_keys = tuple(sorted({k for s in members for k in s.group_keys}))
+        self.clips_most_steps = any(s.clips_most_steps for s in members)
 
     def _member(self, inputs: ClipInputs, i: int) -> ClipInputs:
         plans = inputs.plan
