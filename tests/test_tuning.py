@@ -340,3 +340,40 @@ def test_reporter_names_the_optimizer_it_needs():
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     with pytest.raises(TypeError, match=r"optimizer must be a clipopt.ClippedOptimizer"):
         ct.TrialReporter(trial, sgd)
+    with pytest.raises(TypeError, match=r"or clipopt\.Attachment or None"):
+        ct.TrialReporter(trial, sgd)
+
+
+def _reported(front_end):
+    """Train 12 steps through ``front_end`` with a TrialReporter; its attributes."""
+    study = optuna.create_study()
+    trial = study.ask()
+    torch.manual_seed(0)  # the same model for both front-ends (the guard reseeds per test)
+    model = torch.nn.Linear(4, 1)
+    make = (
+        (lambda sgd: clipopt.ClippedOptimizer(sgd, "norm", max_norm=0.5))
+        if front_end == "wrapper"
+        else (lambda sgd: clipopt.attach(sgd, "norm", max_norm=0.5))
+    )
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    clipping = make(sgd)
+    opt = clipping if front_end == "wrapper" else sgd
+    reporter = ct.TrialReporter(trial, clipping, total_steps=11)
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        x = torch.randn(8, 4, generator=g) * (1 + step % 3)
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        reporter.report(float(loss), step)
+    reporter.finish(float(loss))
+    return trial.user_attrs
+
+
+def test_reporter_records_the_same_statistics_from_an_attachment():
+    """attach() users (Hugging Face, DCP) get the same clip rate and norm percentiles."""
+    wrapped, attached = _reported("wrapper"), _reported("attach")
+    assert wrapped["clipopt:steps"] == attached["clipopt:steps"] == 12.0
+    assert 0 < wrapped["clipopt:clip_rate"] <= 1
+    assert wrapped == attached

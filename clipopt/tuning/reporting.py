@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import optuna
 import torch
 
+from .._attach import Attachment
 from .._optimizer import ClippedOptimizer
+from .._protocol import ClipStats
 from .._validation import check_choice, check_int, check_range
 
 #: Trial user attribute: the share of the trial's steps that clipped.
@@ -48,19 +50,19 @@ def _handle_nonfinite(
     raise ValueError(f"the objective value is not finite: {value} (step {step})")
 
 
-#: What TrialReporter records from: an object with ``counts()``, ``last_stats`` and
-#: ``register_step_post_hook``. Widen it to a union (``A | B``) to accept more types.
-Recorded = ClippedOptimizer
+#: What TrialReporter records from: the two front-ends of the clipping engine.
+Recorded = ClippedOptimizer | Attachment
 
 
 def _check_optimizer(optimizer: object) -> Recorded | None:
     if optimizer is None or isinstance(optimizer, Recorded):
         return optimizer
-    kinds = typing.get_args(Recorded) or (Recorded,)
+    kinds = typing.get_args(Recorded)
     names = " or ".join(f"clipopt.{kind.__name__}" for kind in kinds)
     raise TypeError(
         f"optimizer must be a {names} or None, got {type(optimizer).__name__}; "
-        "wrap it: clipopt.ClippedOptimizer(optimizer, strategy)"
+        "wrap it, clipopt.ClippedOptimizer(optimizer, strategy), or keep it and "
+        "attach the clipping, clipopt.attach(optimizer, strategy)"
     )
 
 
@@ -79,7 +81,8 @@ class TrialReporter:
 
     Args:
         trial: The trial.
-        optimizer: The trial's :class:`clipopt.ClippedOptimizer`, or None.
+        optimizer: The trial's :class:`clipopt.ClippedOptimizer`, or the
+            :class:`clipopt.Attachment` of :func:`clipopt.attach`, or None.
         total_steps: The last step value that will be reported; enables the warm-up.
         warmup_fraction: Share of ``total_steps`` before pruning may happen, in [0, 1].
         on_nonfinite: ``"prune"``, ``"penalize"`` or ``"raise"``.
@@ -135,16 +138,15 @@ class TrialReporter:
             )
         self.penalty = penalty
         self._norms: list[torch.Tensor] = []
+        # The engine's hook sees every step with gradients, whichever front-end clips.
         self._handle = (
             None
-            if optimizer is None
-            else optimizer.register_step_post_hook(self._record_norm)
+            if self.optimizer is None
+            else self.optimizer.clipper.add_stats_hook(self._record_norm)
         )
 
-    def _record_norm(self, *_: Any) -> None:
-        stats = self.optimizer.last_stats if self.optimizer is not None else None
-        if stats is not None:
-            self._norms.append(stats.norm.detach())
+    def _record_norm(self, stats: ClipStats, step: int) -> None:
+        self._norms.append(stats.norm.detach())
 
     def may_prune(self, step: int) -> bool:
         """Whether the pruner's verdict counts at ``step`` (after the warm-up share)."""
