@@ -13,7 +13,7 @@ PIN := '^(torch|clipopt|pip|setuptools|wheel)(==| @)'
 DEMO_VENV ?= .venv-demo
 DEMO_STAMP := $(DEMO_VENV)/.clipopt-demo-installed
 
-.PHONY: setup test lint typecheck pytest docs demo plots bench lock clean
+.PHONY: setup test lint typecheck pytest docs demo plots bench stability stability-quick lock clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,15 @@ plots: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_step.py
+
+# The stability benchmark: 9 tasks x 10 seeds x ~35 methods on one thread (~35 min);
+# prints the gap table, writes benchmarks/stability/results/latest.{md,json}.
+stability: setup
+	PYTHONPATH=. $(BIN)/python -m benchmarks.stability.run
+
+# Its quick subset (2 seeds, a coarse grid; a few minutes); make test runs a smaller one.
+stability-quick: setup
+	PYTHONPATH=. $(BIN)/python -m benchmarks.stability.run --quick
 
 
 clean:

@@ -114,6 +114,7 @@ INNERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
 }
 STRATEGIES: dict[str, Callable[[], clipopt.ClipStrategy]] = {
     "norm": lambda: clipopt.NormClip(1.0),
+    "relative": clipopt.RelativeClip,  # the default, ClippedOptimizer(opt)
     "value": lambda: clipopt.ValueClip(VALUE),
     "percentile w=100": lambda: full_window(100),
     "percentile w=100000": lambda: full_window(100_000),

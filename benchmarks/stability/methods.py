@@ -40,6 +40,7 @@ from .tasks import TaskRun
 __all__ = [
     "BUILTINS",
     "CLIPOPT_DEFAULT",
+    "CLIPOPT_SHIPPED",
     "Method",
     "Stepper",
     "all_methods",
@@ -127,9 +128,39 @@ BUILTINS: list[Method] = [
     builtin("agc (AGC 0.01)", "agc"),
 ]
 
-#: ``clipopt.ClippedOptimizer(opt)`` with no strategy: add it to the list once the
-#: default is the recommended rule (today it is "norm", max_norm=1.0).
+#: ``clipopt.ClippedOptimizer(opt)`` with no strategy: the shipped default
+#: (``clipopt.RelativeClip``, the "recommended default" candidate ported).
 CLIPOPT_DEFAULT = builtin("clipopt default", None)
+
+
+def skipping(label: str, strategy: str | None, **kwargs: Any) -> Method:
+    """``ClippedOptimizer(opt, strategy, skip_spikes=True)``, stepped with the loss.
+
+    clipopt's own spike skipping (``clipopt.SpikeSkip``, OLMo-core's rule on the norm
+    and the loss); the harness counts the skipped spikes from ``counts()``.
+    """
+
+    def make(run: TaskRun) -> Stepper:
+        args = () if strategy is None else (strategy,)
+        wrapped = clipopt.ClippedOptimizer(run.optimizer, *args, skip_spikes=True, **kwargs)
+        stepper: Stepper
+
+        def step(loss: Tensor) -> None:
+            wrapped.step(loss=loss)
+            stepper.skipped = wrapped.counts()["spike_steps"]
+
+        stepper = Stepper(step)
+        return stepper
+
+    return Method(label, "clipopt", make)
+
+
+#: What clipopt ships: the default, and spike skipping with and without it.
+CLIPOPT_SHIPPED: list[Method] = [
+    CLIPOPT_DEFAULT,
+    skipping("clipopt default + skip_spikes", None),
+    skipping("clipopt skip_spikes only", "norm", max_norm=math.inf),
+]
 
 
 def candidate(label: str, factory: Callable[[list[Tensor]], Any], note: str = "") -> Method:
@@ -216,11 +247,9 @@ def all_methods(grid: list[float]) -> list[Method]:
     """Everything, in report order: none, the torch grid, built-ins, candidates, gates."""
     default = candidate("recommended default", C.recommended)
     out = [no_clip()] + [torch_norm(v) for v in grid] + list(BUILTINS)
+    out += CLIPOPT_SHIPPED
     out += candidate_methods()
     out += gate_methods(default)
     names = [m.name for m in out]
     assert len(names) == len(set(names)), "method names must be unique"
     return out
-
-
-_ = math

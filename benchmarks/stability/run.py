@@ -18,10 +18,11 @@ parameters or final held-out loss are not finite, or when the final held-out los
 exceeds the task's trivial baseline; a diverged run is scored at the trivial baseline.
 
 Method selectors for ``--methods`` (comma-separated): ``none``, ``grid`` (the torch
-max_norm grid of each task), ``builtins``, ``default`` (the recommended candidate),
-``candidates`` (all candidate rules), ``gates`` (spike-skip gate variants, and the gate
-in front of the task's torch grid-best, chosen from this run's grid results), ``all``, or
-an exact method name.
+max_norm grid of each task), ``builtins``, ``default`` (``ClippedOptimizer(opt)`` and
+the recommended candidate it ports), ``clipopt`` (the default, and clipopt's
+``skip_spikes`` with and without it), ``candidates`` (all candidate rules), ``gates``
+(spike-skip gate variants, and the gate in front of the task's torch grid-best, chosen
+from this run's grid results), ``all``, or an exact method name.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .tasks import TASKS, Task
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEFAULT_METHODS = "all"
-QUICK_METHODS = "none,grid,builtins,default,gates"
+QUICK_METHODS = "none,grid,builtins,default,clipopt,gates"
 #: Grid values within this relative distance of the best mean tie (as happens when every
 #: step is clipped under a scale-invariant optimizer like Adam); the largest one wins.
 TIE = 5e-4
@@ -109,7 +110,8 @@ def select(selector: str, task: Task, per_decade: int) -> list[M.Method]:
         "none": [M.no_clip()],
         "grid": [M.torch_norm(v) for v in grid],
         "builtins": list(M.BUILTINS),
-        "default": [default],
+        "default": [M.CLIPOPT_DEFAULT, default],
+        "clipopt": list(M.CLIPOPT_SHIPPED),
         "candidates": M.candidate_methods(),
         "gates": M.gate_methods(default),
     }
@@ -171,8 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     path = out.with_suffix(".json")
 
     runs: list[dict[str, Any]] = []
+    earlier: dict[str, Any] | None = None
     if args.append and path.exists():
-        runs = json.loads(path.read_text())["runs"]
+        previous = json.loads(path.read_text())
+        runs, earlier = previous["runs"], previous.get("meta")
     meta = {
         "argv": sys.argv[1:] if argv is None else argv,
         "torch": torch.__version__,
@@ -211,11 +215,14 @@ def main(argv: list[str] | None = None) -> None:
             f"(grid-best max_norm {best})",
             flush=True,
         )
-    payload = {"meta": meta, "tasks": report.task_info(), "runs": runs}
     meta["seconds"] = round(time.perf_counter() - t_all, 1)
+    if earlier is not None:  # the header describes the first run; appends are listed
+        meta = {**earlier, "appended": [*earlier.get("appended", []), meta]}
+    payload = {"meta": meta, "tasks": report.task_info(), "runs": runs}
     path.write_text(json.dumps(payload))
     md = report.render(payload)
     out.with_suffix(".md").write_text(md)
+    print("\n" + report.main_table(md) + "\n")
     print(f"wrote {path} and {out.with_suffix('.md')} in {meta['seconds']} s")
 
 
