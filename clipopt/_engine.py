@@ -34,7 +34,7 @@ from ._apply import Applier, as_measurement, host_readable
 from ._counters import COUNTERS, Counters, Flag
 from ._layout import Gradients
 from ._protocol import ClipInputs, ClipResult, ClipStats, ClipStrategy, Measurement, Scale
-from ._registry import get_strategy
+from ._registry import build_strategy
 from ._spikes import Parts, SpikeSkip, spike_of
 from ._torch_private import fused_kernel, kernel_skip_is_safe
 
@@ -53,52 +53,6 @@ class Handover(NamedTuple):
 
     grad_scale: Tensor | None
     found_inf: Tensor | None
-
-
-#: The strategy of ``ClippedOptimizer(opt)`` and ``attach(opt)`` (see
-#: ``docs/strategies.md`` for why).
-DEFAULT_STRATEGY = "relative"
-
-
-def build_strategy(
-    strategy: str | ClipStrategy | None, kwargs: Mapping[str, Any]
-) -> ClipStrategy:
-    """A strategy from a registered name (with keyword arguments) or an object.
-
-    ``None`` is the default strategy, :data:`DEFAULT_STRATEGY`.
-
-    Raises:
-        TypeError: Neither a name nor a strategy, keyword arguments with an object, or
-            a threshold (such as ``max_norm``) with no strategy named.
-        ValueError: An unknown name.
-    """
-    if strategy is None:
-        default = get_strategy(DEFAULT_STRATEGY)
-        accepted = set(default.hyperparameters())
-        unknown = sorted(set(kwargs) - accepted)
-        if unknown:
-            given = ", ".join(f"{k}={kwargs[k]!r}" for k in unknown)
-            raise TypeError(
-                f"{given} given without a strategy: the default strategy "
-                f"{DEFAULT_STRATEGY!r} sets its own threshold and takes only "
-                f"{', '.join(sorted(accepted))}. Name the strategy the argument belongs "
-                f"to, e.g. ClippedOptimizer(optimizer, 'norm', {given}) for "
-                "torch's clip_grad_norm_ rule"
-            )
-        return get_strategy(DEFAULT_STRATEGY, **kwargs)
-    if isinstance(strategy, str):
-        return get_strategy(strategy, **kwargs)
-    if not isinstance(strategy, ClipStrategy):
-        raise TypeError(
-            "strategy must be a registered name or a clipopt.ClipStrategy, "
-            f"got {strategy!r}"
-        )
-    if kwargs:
-        raise TypeError(
-            f"strategy keyword arguments ({', '.join(sorted(kwargs))}) are only "
-            f"accepted with a strategy name, got the strategy object {strategy!r}"
-        )
-    return strategy
 
 
 class Clipper:

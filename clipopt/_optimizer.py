@@ -43,37 +43,26 @@ class ClippedOptimizer(DelegatingOptimizer):
     ``step()``. With a closure, clipping happens after every evaluation of the closure,
     so closure-driven optimizers such as LBFGS see clipped gradients.
 
-    Non-finite gradients (a NaN or infinite entry, or a norm that overflows) are handled
-    by ``nonfinite``:
-
-    - ``"skip"`` (default): the parameters, the wrapped optimizer's state and the
-      strategy's state stay untouched and the step counts as skipped. Deciding this
-      needs one host read of a 0-dim tensor per step (none with a fused optimizer on an
-      accelerator: its kernel skips).
-    - ``"error"``: raise ``RuntimeError`` and change nothing (also one host read).
-    - ``"zero"``: set the non-finite entries to 0, then clip and step. No host read.
-    - ``"propagate"``: torch's behaviour (non-finite values reach the update). No host
-      read; the strategy's state still never ingests a non-finite statistic.
+    Non-finite gradients (a NaN or infinite entry, or a norm that overflows) follow
+    ``nonfinite``: ``"skip"`` (default: parameters, optimizer state and strategy state
+    untouched, the step counted as skipped), ``"error"`` (raise, change nothing),
+    ``"zero"`` (zero the entries, then clip and step) or ``"propagate"`` (torch's
+    behaviour). ``docs/nonfinite.md`` gives each one's cost in host reads.
 
     Args:
         optimizer: The optimizer to wrap, an instance of ``torch.optim.Optimizer``.
         strategy: A registered strategy name (see :func:`clipopt.available_strategies`)
             or a :class:`clipopt.ClipStrategy` instance. ``None`` (default) is
             ``"relative"`` (:class:`clipopt.RelativeClip`), the one setting that needs
-            no threshold (``docs/strategies.md``); a threshold such as ``max_norm``
+            no threshold (``docs/strategies/which.md``); a threshold such as ``max_norm``
             needs the strategy named, e.g. ``ClippedOptimizer(opt, "norm",
             max_norm=1.0)`` for torch's ``clip_grad_norm_``.
         nonfinite: The policy for non-finite gradients, one of ``"skip"``, ``"error"``,
             ``"zero"`` and ``"propagate"``.
         process_group: For plain-tensor gradients sharded over ranks (hand-made model
-            parallelism, FSDP1's flat parameters): the ``torch.distributed`` group whose
-            ranks hold the shards, or a 1-D ``DeviceMesh`` over them; norms are then
-            global: one ``all_reduce`` of the ranks' total norms, or, for per-tensor
-            strategies, of one norm per parameter position (the ranks' optimizers must
-            then hold the same parameters in the same order; a rank may lack some
-            gradients, as with FSDP1's ``use_orig_params=True``). Not needed for DDP
-            (gradients are already all-reduced) nor for FSDP2/DTensor (DTensor's
-            collectives apply).
+            parallelism, FSDP1's flat parameters): the group (or 1-D ``DeviceMesh``)
+            whose ranks hold the shards; norms are then global, one ``all_reduce`` per
+            step (``docs/distributed.md``). Not needed for DDP nor for FSDP2/DTensor.
         skip_spikes: Skip an update whose gradient norm (or loss, given to ``step``) is
             an outlier against recent steps: True for OLMo's rule and defaults, or a
             :class:`clipopt.SpikeSkip`; False (default) does not.

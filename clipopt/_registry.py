@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ._protocol import ClipStrategy
 
-__all__ = ["available_strategies", "get_strategy", "register_strategy", "resolve_name"]
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "available_strategies",
+    "build_strategy",
+    "get_strategy",
+    "register_strategy",
+    "resolve_name",
+]
 
 _S = TypeVar("_S", bound=type[ClipStrategy])
 _REGISTRY: dict[str, type[ClipStrategy]] = {}
@@ -170,3 +177,49 @@ def get_strategy(name: str, /, **kwargs: Any) -> ClipStrategy:
                 f"{', '.join(unknown)}; it accepts: {', '.join(accepted) or 'none'}"
             )
     return cls(**kwargs)
+
+
+#: The strategy of ``ClippedOptimizer(opt)`` and ``attach(opt)`` (see
+#: ``docs/strategies/which.md`` for why).
+DEFAULT_STRATEGY = "relative"
+
+
+def build_strategy(
+    strategy: str | ClipStrategy | None, kwargs: Mapping[str, Any]
+) -> ClipStrategy:
+    """A strategy from a registered name (with keyword arguments) or an object.
+
+    ``None`` is the default strategy, :data:`DEFAULT_STRATEGY`.
+
+    Raises:
+        TypeError: Neither a name nor a strategy, keyword arguments with an object, or
+            a threshold (such as ``max_norm``) with no strategy named.
+        ValueError: An unknown name.
+    """
+    if strategy is None:
+        default = get_strategy(DEFAULT_STRATEGY)
+        accepted = set(default.hyperparameters())
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            given = ", ".join(f"{k}={kwargs[k]!r}" for k in unknown)
+            raise TypeError(
+                f"{given} given without a strategy: the default strategy "
+                f"{DEFAULT_STRATEGY!r} sets its own threshold and takes only "
+                f"{', '.join(sorted(accepted))}. Name the strategy the argument belongs "
+                f"to, e.g. ClippedOptimizer(optimizer, 'norm', {given}) for "
+                "torch's clip_grad_norm_ rule"
+            )
+        return get_strategy(DEFAULT_STRATEGY, **kwargs)
+    if isinstance(strategy, str):
+        return get_strategy(strategy, **kwargs)
+    if not isinstance(strategy, ClipStrategy):
+        raise TypeError(
+            "strategy must be a registered name or a clipopt.ClipStrategy, "
+            f"got {strategy!r}"
+        )
+    if kwargs:
+        raise TypeError(
+            f"strategy keyword arguments ({', '.join(sorted(kwargs))}) are only "
+            f"accepted with a strategy name, got the strategy object {strategy!r}"
+        )
+    return strategy

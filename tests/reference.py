@@ -209,7 +209,7 @@ class SpikeSkipReference:
 
 
 class RelativeClipReference:
-    """clipopt's default rule (docs/strategies.md), written from its equations with
+    """clipopt's default rule (docs/strategies/which.md), written from its equations with
     Python floats: clip the total norm to ``ratio`` times a reference seeded by the first
     recorded norm, ramped over the first ``ramp`` recorded steps, which then follows the
     norm capped at ``cap`` times itself with an asymmetric EMA. Non-finite and zero

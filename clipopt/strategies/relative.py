@@ -2,8 +2,9 @@
 
 No threshold to pick: the level is the run's own gradient norm, so the rule behaves the
 same whether a model's natural norm is 1e-3 or 1e3. Chosen on the stability benchmark
-(``benchmarks/stability/``, ``docs/strategies.md``), where it is the one untuned setting
-that neither diverges nor falls behind a grid-tuned ``clip_grad_norm_`` on any task.
+(``benchmarks/stability/``, ``docs/strategies/which.md``): the one untuned setting that
+never diverged there; where it falls behind a grid-tuned ``clip_grad_norm_`` is written
+down on that page.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class RelativeClip(TensorState):
         \quad \beta = \beta_\downarrow \text{ if } x_t < \gamma_t
         \text{ else } \beta_\uparrow
 
-    Why each part (the evidence is in ``docs/strategies.md``):
+    Why each part (the evidence is in ``docs/strategies/which.md``):
 
     * The reference :math:`\gamma` follows the run's own *unclipped* norm, capped at
       :math:`K\gamma`, so no scale is assumed (multiplying the loss by any constant
