@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(grid-best max_norm {best})",
             flush=True,
         )
-    meta["seconds"] = round(time.perf_counter() - t_all, 1)
+    seconds = meta["seconds"] = round(time.perf_counter() - t_all, 1)
     if earlier is not None:  # the header describes the first run; appends are listed
         meta = {**earlier, "appended": [*earlier.get("appended", []), meta]}
     payload = {"meta": meta, "tasks": report.task_info(), "runs": runs}
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     md = report.render(payload)
     out.with_suffix(".md").write_text(md)
     print("\n" + report.main_table(md) + "\n")
-    print(f"wrote {path} and {out.with_suffix('.md')} in {meta['seconds']} s")
+    print(f"wrote {path} and {out.with_suffix('.md')} in {seconds} s")
 
 
 if __name__ == "__main__":
