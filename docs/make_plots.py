@@ -104,6 +104,11 @@ def monitoring_plots() -> None:
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     monitoring_plots()
+    plot(
+        "relative",
+        "RelativeClip(), the default: 0.4 x a capped EMA of the norm, 20-step ramp",
+        clipopt.RelativeClip(),
+    )
     plot("norm", "NormClip(max_norm=3.0): a fixed ceiling", clipopt.NormClip(3.0))
     plot(
         "value", "ValueClip(clip_value=3.0) on a one-entry gradient", clipopt.ValueClip(3.0)
