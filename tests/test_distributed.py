@@ -55,6 +55,7 @@ def _entry(rank, fn, port, out, args):
     # without an active exception", SIGABRT; seen in CI on the checkpoint test even with
     # the barrier above; torch PR 179291 describes the finalization race). The result is
     # already on disk, so the exit code only reports a crash, never the test's outcome.
+    # (atexit handlers are skipped too: a coverage plugin would lose the ranks' data.)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

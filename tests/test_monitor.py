@@ -190,6 +190,7 @@ def test_the_default_clips_every_step_by_design_so_no_warning(chained):
             opt.step()
     assert opt.counts()["clipped_steps"] == 6  # it did clip every step
     assert not [w for w in caught if "fired on every one" in str(w.message)]
+    assert not clipopt.RelativeClip(ratio=3.0).clips_most_steps  # not by design there
 
 
 def test_no_gradient_warning_is_rate_limited():

@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -360,20 +361,24 @@ def _reported(front_end):
     opt = clipping if front_end == "wrapper" else sgd
     reporter = ct.TrialReporter(trial, clipping, total_steps=11)
     g = torch.Generator().manual_seed(0)
+    norms = []  # the pre-clip total norms, measured here by hand
     for step in range(12):
         x = torch.randn(8, 4, generator=g) * (1 + step % 3)
         opt.zero_grad()
         loss = model(x).pow(2).mean()
         loss.backward()
+        norms.append(float(torch.stack([p.grad.norm() for p in model.parameters()]).norm()))
         opt.step()
-        reporter.report(float(loss), step)
-    reporter.finish(float(loss))
-    return trial.user_attrs
+        reporter.report(loss.item(), step)
+    reporter.finish(loss.item())
+    return trial.user_attrs, norms
 
 
 def test_reporter_records_the_same_statistics_from_an_attachment():
     """attach() users (Hugging Face, DCP) get the same clip rate and norm percentiles."""
-    wrapped, attached = _reported("wrapper"), _reported("attach")
+    (wrapped, norms), (attached, _) = _reported("wrapper"), _reported("attach")
     assert wrapped["clipopt:steps"] == attached["clipopt:steps"] == 12.0
     assert 0 < wrapped["clipopt:clip_rate"] <= 1
+    for q in (50, 90, 99):
+        assert wrapped[f"clipopt:grad_norm_p{q}"] == pytest.approx(np.percentile(norms, q))
     assert wrapped == attached

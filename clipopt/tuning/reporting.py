@@ -74,7 +74,9 @@ class TrialReporter:
     thresholds, which start slower and often finish best). A non-finite value ends the
     trial: pruned (default), penalized (:class:`Diverged`) or raised.
 
-    With an optimizer, the reporter records the pre-clip norm of every step and writes,
+    With an optimizer, the reporter records the pre-clip norm of every step the engine
+    clipped (with a closure optimizer such as LBFGS, of every evaluation of the closure,
+    as ``counts()["steps"]`` counts them; non-finite norms are left out) and writes,
     when the trial ends (pruned, diverged, or :meth:`finish`), JSON-safe user attributes:
     ``clipopt:clip_rate``, ``clipopt:steps``, ``clipopt:skipped_steps`` and the norm
     percentiles ``clipopt:grad_norm_p50``/``p90``/``p99``.
