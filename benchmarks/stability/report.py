@@ -319,24 +319,37 @@ def render(payload: dict[str, Any]) -> str:
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines.append("")
 
-    # skipped steps by the gates
-    gates = [
+    # steps skipped as spikes: the gates and clipopt's skip_spikes
+    skippers = [
         n
         for n in method_names
-        if any(next(iter(by[t][n].values()))["kind"] == "gate" for t in tasks if n in by[t])
+        if any(
+            r["kind"] in ("gate", "clipopt") and r["skipped"]
+            for t in tasks
+            for r in by[t].get(n, {}).values()
+        )
     ]
-    if gates:
-        lines.append("## Steps skipped by the spike-skip gate (mean per run)\n")
+    if skippers:
+        lines.append("## Steps skipped as spikes (mean per run, and the most in one run)\n")
         lines.append("| method | " + " | ".join(tasks) + " |")
         lines.append("| --- |" + " --- |" * len(tasks))
-        for n in gates:
+        first = {t: next(iter(by[t].values())) for t in tasks}  # any method's runs
+        corrupted = [
+            statistics.fmean(len(r["corrupted_steps"]) for r in first[t].values())
+            for t in tasks
+        ]
+        lines.append(
+            "| *corrupted batches per run* | "
+            + " | ".join(f"{c:.1f}" for c in corrupted)
+            + " |"
+        )
+        for n in skippers:
             row = [n]
             for t in tasks:
                 rs = by[t].get(n)
+                counts = [r["skipped"] for r in rs.values()] if rs else []
                 row.append(
-                    f"{statistics.fmean(r['skipped'] for r in rs.values()):.1f}"
-                    if rs
-                    else ""
+                    f"{statistics.fmean(counts):.1f} ({max(counts)})" if counts else ""
                 )
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
