@@ -20,6 +20,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -275,3 +276,203 @@ def describe(rule: Any) -> str:
             parts.append("log")
         return f"RelativeClip({rule.scope}, {', '.join(parts)})"
     return type(rule).__name__
+
+
+#: Adaptive-ratio candidates (name -> factory), filled below.
+ADAPTIVE_SPECS: dict[str, Any] = {}
+
+
+class AdaptiveClip:
+    r"""RelativeClip (global) with an adaptive ratio ``c_t`` instead of a fixed ``c``.
+
+    Same reference as the recommended default: :math:`\gamma` an asymmetric EMA
+    (``beta_up``, ``beta_down``) of the capped norm :math:`x_t = \min(m_t, K\gamma_t)`,
+    seeded by step 0, and the ramp :math:`r_t = \min(1, (t+1)/R)`. On top, a short EMA
+    :math:`s_t` of the capped norm (``beta_s``) and the ratio :math:`c_t`:
+
+    * ``mode="aimd"``: instability signal :math:`b_t = [m_t > k_b \gamma_t]` (``sig="m"``)
+      or :math:`[s_t > k_b \gamma_t]` (``sig="s"``);
+      :math:`c_{t} = \max(c_{min}, d\,c_{t-1})` if :math:`b_t` else
+      :math:`\min(c_{max}, c_{t-1} + a)`; :math:`c_{-1} = c_0`.
+    * ``mode="ratio"``: :math:`\rho_t = s_t/\gamma_t`,
+      :math:`c_t = \mathrm{clamp}(c_{max} / (1 + k\max(0, \rho_t - 1)), c_{min}, c_{max})`.
+
+    Threshold :math:`\tau_t = c_t r_t \gamma_t`, clip
+    :math:`g \leftarrow g\min(1, \tau_t/m_t)`.
+    Tensor ops only, sync-free; state: gamma, s, c, count, seen (5 scalars). Scale-free:
+    every signal is a ratio of norms.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        *,
+        mode: str = "aimd",
+        c0: float = 0.4,
+        c_min: float = 0.15,
+        c_max: float = 2.0,
+        a: float = 0.01,
+        d: float = 0.9,
+        k_b: float = 1.5,
+        sig: str = "m",
+        k: float = 4.0,
+        beta_s: float = 0.8,
+        beta_up: float = 0.99,
+        beta_down: float = 0.98,
+        cap: float = 2.0,
+        ramp: int = 20,
+        hold: int = 0,
+        p: float = 0.5,
+        q: float = 1.0,
+        t_switch: int = 150,
+        beta_v: float = 0.95,
+        sig_lo: float = 0.35,
+        sig_hi: float = 0.7,
+        d_cap: float = 2.0,
+        v_steps: int = 0,
+        rise: float = 0.0,
+        v_spike: float = 0.0,
+        v_debias: bool = False,
+    ) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.mode, self.sig = mode, sig
+        self.c0, self.c_min, self.c_max = float(c0), float(c_min), float(c_max)
+        self.a, self.d, self.k_b, self.k = float(a), float(d), float(k_b), float(k)
+        self.beta_s, self.beta_up, self.beta_down = (
+            float(beta_s),
+            float(beta_up),
+            float(beta_down),
+        )
+        self.cap, self.ramp, self.hold = float(cap), int(ramp), int(hold)
+        self.p, self.q, self.t_switch = float(p), float(q), int(t_switch)
+        self.gamma0 = torch.zeros(1)
+        self.beta_v, self.sig_lo, self.sig_hi = float(beta_v), float(sig_lo), float(sig_hi)
+        self.d_cap = math.log(float(d_cap))
+        self.v_steps, self.rise, self.v_spike = int(v_steps), float(rise), float(v_spike)
+        self.v_debias = bool(v_debias)
+        self.nv = torch.zeros(1)  # number of v updates (for the bias correction)
+        self.m_prev = torch.zeros(1)
+        self.v = torch.zeros(1)
+        self.gamma = torch.zeros(1)
+        self.s = torch.zeros(1)
+        self.c = torch.full((1,), self.c0)
+        self.seen = torch.zeros(1, dtype=torch.bool)
+        self.count = torch.zeros((), dtype=torch.int64)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        keys = ("gamma", "gamma0", "s", "c", "m_prev", "v", "seen", "count")
+        return {k: getattr(self, k).clone() for k in keys}
+
+    @torch.no_grad()
+    def clip_(self) -> Tensor:
+        grads = _grads(self.params)
+        m = _norms(grads).square().sum().sqrt().reshape(1)
+        usable = torch.isfinite(m) & (m > 0)
+        gamma = torch.where(self.seen, self.gamma, m)
+        s = torch.where(self.seen, self.s, m)
+        x = torch.minimum(m, self.cap * gamma)
+        s_new = s + (1 - self.beta_s) * (x - s)
+        if self.mode == "aimd":
+            probe = m if self.sig == "m" else s_new
+            bad = probe > self.k_b * gamma
+            c = torch.where(
+                bad,
+                (self.c * self.d).clamp(min=self.c_min),
+                (self.c + self.a).clamp(max=self.c_max),
+            )
+            if self.hold:  # no increase during the first `hold` steps
+                c = torch.where(self.count < self.hold, torch.minimum(c, self.c), c)
+        elif self.mode == "progress":  # c grows as the reference falls below its start
+            g0 = torch.where(self.seen, self.gamma0, m)
+            c = self.c0 * (g0 / (self.q * gamma)).clamp(min=1.0) ** self.p
+            c = c.clamp(max=self.c_max)
+        elif self.mode == "vol":  # c from the volatility of the norm before this step
+            sig = self.v.sqrt()
+            if self.v_debias:  # Adam-style bias correction of the EMA seeded at 0
+                sig = (self.v / (1 - self.beta_v**self.nv).clamp(min=1e-12)).sqrt()
+            frac = ((sig - self.sig_lo) / (self.sig_hi - self.sig_lo)).clamp(0.0, 1.0)
+            c = self.c_min + (self.c_max - self.c_min) * frac
+            if self.rise:  # c falls at once, rises by at most `rise` a step
+                c = torch.minimum(c, torch.where(self.seen, self.c, c) + self.rise)
+        elif self.mode == "sched":  # diagnostic only: c0, then c_max from step t_switch
+            c = torch.where(self.count < self.t_switch, self.c0, self.c_max) * torch.ones(1)
+        else:
+            rho = s_new / gamma
+            c = (self.c_max / (1 + self.k * (rho - 1).clamp(min=0))).clamp(
+                self.c_min, self.c_max
+            )
+        tau = c * gamma
+        if self.ramp:
+            tau = tau * ((self.count + 1).float() / self.ramp).clamp(max=1.0)
+        coef = torch.where(usable & (m > tau), tau / m, torch.ones_like(m))
+        beta = torch.where(x < gamma, self.beta_down, self.beta_up)
+        new = torch.where(self.seen, gamma + (1 - beta) * (x - gamma), m)
+        self.gamma = torch.where(usable, new, self.gamma)
+        self.s = torch.where(usable, s_new, self.s)
+        self.gamma0 = torch.where(self.seen, self.gamma0, m)
+        d = (
+            (m / torch.where(self.seen, self.m_prev, m))
+            .log()
+            .clamp(-self.d_cap, self.d_cap)
+        )
+        d = torch.where(self.seen, d, torch.zeros_like(d))  # step 0 has no previous norm
+        v_new = self.v + (1 - self.beta_v) * (d.square() - self.v)
+        # The volatility is measured over the first v_steps steps only (0: all steps).
+        usable_v = usable & (self.count < self.v_steps) if self.v_steps else usable
+        # A norm above v_spike * gamma (a spike) is kept out of v and m_prev.
+        if self.v_spike:
+            calm = m <= self.v_spike * gamma
+            usable_v = usable_v & (calm | ~self.seen)
+            self.m_prev = torch.where(usable & (calm | ~self.seen), m, self.m_prev)
+        else:
+            self.m_prev = torch.where(usable, m, self.m_prev)
+        self.v = torch.where(usable_v, v_new, self.v)
+        self.nv = self.nv + (usable_v & self.seen).float()
+        self.c = torch.where(usable, c, self.c)
+        self.seen = self.seen | usable
+        self.count = self.count + usable.any().to(self.count.dtype)
+        _scale(grads, coef.expand(len(grads)))
+        return coef
+
+
+def _ad(**kw: Any) -> Any:
+    return lambda params: AdaptiveClip(params, **kw)
+
+
+ADAPTIVE_SPECS.update(
+    {
+        "A1": _ad(mode="aimd", c0=0.4, c_min=0.15, c_max=2.0, a=0.01, d=0.9, k_b=1.5),
+        "A2": _ad(
+            mode="aimd", c0=0.4, c_min=0.15, c_max=2.0, a=0.005, d=0.8, k_b=1.2, sig="s"
+        ),
+        "R1": _ad(mode="ratio", c_min=0.15, c_max=2.0, k=4.0, beta_s=0.8),
+        "R2": _ad(mode="ratio", c_min=0.15, c_max=2.0, k=10.0, beta_s=0.9),
+        "S1": _ad(mode="sched", c0=0.4, c_max=2.0, t_switch=150),
+        "S2": _ad(mode="sched", c0=0.4, c_max=1.0, t_switch=150),
+        "V1": _ad(mode="vol", c_min=0.4, c_max=1.0),
+        "V2": _ad(mode="vol", c_min=0.4, c_max=2.0),
+        "V3": _ad(mode="vol", c_min=0.4, c_max=1.5, sig_lo=0.3, sig_hi=0.6),
+        "V4": _ad(mode="vol", c_min=0.4, c_max=2.0, sig_lo=0.45, sig_hi=0.8),
+        "V5": _ad(mode="vol", c_min=0.4, c_max=1.5, sig_lo=0.45, sig_hi=0.8),
+        "V6": _ad(mode="vol", c_min=0.4, c_max=2.0, sig_lo=0.45, sig_hi=0.8, beta_v=0.98),
+        "V7": _ad(mode="vol", c_min=0.2, c_max=2.0, sig_lo=0.45, sig_hi=0.8),
+        "V8": _ad(mode="vol", c_min=0.27, c_max=2.0, sig_lo=0.45, sig_hi=0.8),
+        "C27": lambda params: RelativeClip(params, **{**RECOMMENDED, "c": 0.27}),
+        "C20": lambda params: RelativeClip(params, **{**RECOMMENDED, "c": 0.2}),
+        "V9": _ad(mode="vol", c_min=0.2, c_max=2.0, sig_lo=0.45, sig_hi=0.8, v_steps=100),
+        "V10": _ad(mode="vol", c_min=0.2, c_max=2.0, sig_lo=0.45, sig_hi=0.8, rise=0.02),
+        "V11": _ad(mode="vol", c_min=0.2, c_max=2.0, sig_lo=0.45, sig_hi=0.8, v_spike=2.0),
+        "V12": _ad(mode="vol", c_min=0.2, c_max=2.0, sig_lo=0.45, sig_hi=0.8, v_spike=3.0),
+        "V13": _ad(
+            mode="vol",
+            c_min=0.2,
+            c_max=2.0,
+            sig_lo=0.45,
+            sig_hi=0.8,
+            v_spike=3.0,
+            v_debias=True,
+        ),
+        "P1": _ad(mode="progress", c0=0.4, c_max=2.0, p=0.5, q=1.0),
+        "P2": _ad(mode="progress", c0=0.4, c_max=2.0, p=1.0, q=3.0),
+    }
+)
