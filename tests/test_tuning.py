@@ -81,6 +81,20 @@ def test_thresholds_are_log_uniform_and_overridable():
     assert trial.distributions["clip_value_clip_value"].log
 
 
+def test_every_built_in_strategy_has_a_search_space():
+    built_in = {"relative", "norm", "value", "percentile", "zscore", "adagc", "agc"}
+    assert built_in <= set(clipopt.available_strategies())
+    assert set(ct.DEFAULT_SPACES) == built_in | {"none"}
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    strategy = ct.suggest_strategy(trial, ("relative",))  # the default, its ratio tuned
+    assert isinstance(strategy, clipopt.RelativeClip)
+    assert 0.05 <= strategy.ratio <= 2.0
+    assert trial.distributions["clip_relative_ratio"].log
+    rebuilt = ct.strategy_from_params(trial.params)
+    assert isinstance(rebuilt, clipopt.RelativeClip)
+    assert rebuilt.ratio == strategy.ratio
+
+
 def test_fixed_trial_replays_the_best_strategy_exactly():
     study = ct.tune(
         tiny_objective,

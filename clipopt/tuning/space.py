@@ -21,6 +21,8 @@ NONE = "none"
 #: ``max_norm`` spans four decades when no probe calibrated it (see :func:`store_probe`).
 DEFAULT_SPACES: dict[str, dict[str, tuple[float, float, bool]]] = {
     NONE: {},
+    # The default's ratio to its running reference: 0.4 untuned (docs/strategies/which.md).
+    "relative": {"ratio": (0.05, 2.0, True)},
     "norm": {"max_norm": (1e-2, 1e2, True)},
     "value": {"clip_value": (1e-3, 1e1, True)},
     "percentile": {"percentile": (1.0, 99.0, False)},
