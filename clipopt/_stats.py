@@ -10,6 +10,7 @@ block, or when asked.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -116,6 +117,26 @@ class StatsHistory:
             self._handle = None
 
 
+def stat_values(stats: ClipStats | None, counts: Mapping[str, int]) -> dict[str, float]:
+    """The values every logger writes: the last step's statistics and the counts."""
+    values: dict[str, float] = {}
+    if stats is not None:
+        d = stats.to_dict()
+        values.update(
+            norm=d["norm"],
+            post_clip_norm=d["norm"] * d["coef"],
+            threshold=d["threshold"],
+            coef=d["coef"],
+            clipped=d["clipped"],
+            skipped=d["skipped"],
+        )
+    values["clip_rate"] = counts["clipped_steps"] / max(counts["steps"], 1)
+    values["skipped_steps"] = float(counts["skipped_steps"])
+    values["spike_steps"] = float(counts["spike_steps"])
+    values["nonfinite_steps"] = float(counts["nonfinite_steps"])
+    return values
+
+
 class StatsLogger:
     """Log clipping statistics every ``every`` steps; made by :func:`log_stats`."""
 
@@ -154,24 +175,8 @@ class StatsLogger:
             step: The step number to log under (the hook passes the count of steps
                 with gradients so far, skipped ones included).
         """
-        stats = self.clipper.last_stats
         counts = self.clipper.counts()
-        values: dict[str, float] = {}
-        if stats is not None:
-            d = stats.to_dict()
-            values.update(
-                norm=d["norm"],
-                post_clip_norm=d["norm"] * d["coef"],
-                threshold=d["threshold"],
-                coef=d["coef"],
-                clipped=d["clipped"],
-                skipped=d["skipped"],
-            )
-        steps = max(counts["steps"], 1)
-        values["clip_rate"] = counts["clipped_steps"] / steps
-        values["skipped_steps"] = float(counts["skipped_steps"])
-        values["spike_steps"] = float(counts["spike_steps"])
-        values["nonfinite_steps"] = float(counts["nonfinite_steps"])
+        values = stat_values(self.clipper.last_stats, counts)
         self._check_rates(counts)
         if hasattr(self.target, "add_scalar"):
             for key, value in values.items():

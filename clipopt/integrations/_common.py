@@ -7,6 +7,7 @@ from typing import Any
 from .._engine import Clipper
 from .._optimizer import ClippedOptimizer
 from .._ownership import owner
+from .._stats import stat_values
 
 __all__ = ["find_clipper", "log_values"]
 
@@ -31,19 +32,5 @@ def find_clipper(optimizer: Any) -> Clipper | None:
 
 def log_values(clipper: Clipper, prefix: str) -> dict[str, float]:
     """The last step's statistics and the counts, as floats (two host reads)."""
-    values: dict[str, float] = {}
-    stats = clipper.last_stats
-    if stats is not None:
-        d = stats.to_dict()
-        values.update(
-            norm=d["norm"],
-            post_clip_norm=d["norm"] * d["coef"],
-            threshold=d["threshold"],
-            coef=d["coef"],
-            skipped=d["skipped"],
-        )
-    counts = clipper.counts()
-    values["clip_rate"] = counts["clipped_steps"] / max(counts["steps"], 1)
-    values["skipped_steps"] = float(counts["skipped_steps"])
-    values["spike_steps"] = float(counts["spike_steps"])
+    values = stat_values(clipper.last_stats, clipper.counts())
     return {f"{prefix}{k}": v for k, v in values.items()}
