@@ -128,23 +128,37 @@ def _delay_targets(x: Tensor, delays: tuple[int, ...], mix: Tensor) -> Tensor:
     return torch.tanh(stacked @ mix)
 
 
-def _rnn_sgd_sum(seed: int) -> TaskRun:
-    cfg = TASK_RNN_SGD.info
-    steps, batch, length = TASK_RNN_SGD.steps, cfg["batch"], cfg["length"]
-    d_in, d_out = 4, 2
+def _delay_data(
+    name: str,
+    seed: int,
+    salt: int,
+    steps: int,
+    batch: int,
+    cfg: dict[str, Any],
+    d_in: int,
+    d_out: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A delayed-recall regression (the recurrent tasks' data): training batches for
+    every step and a 512-sequence held-out set, drawn from one generator, cached."""
 
     def data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        g = _gen(seed, 1)
-        mix = torch.randn(len(cfg["delays"]) * d_in, d_out, generator=g) * 0.6
+        g = _gen(seed, salt)
+        length, delays = cfg["length"], cfg["delays"]
+        mix = torch.randn(len(delays) * d_in, d_out, generator=g) * 0.6
         x = torch.randn(steps, batch, length, d_in, generator=g)
-        y = _delay_targets(x.flatten(0, 1), cfg["delays"], mix).view(
-            steps, batch, length, d_out
-        )
+        y = _delay_targets(x.flatten(0, 1), delays, mix).view(steps, batch, length, d_out)
         xh = torch.randn(512, length, d_in, generator=g)
-        yh = _delay_targets(xh, cfg["delays"], mix)
-        return x, y, xh, yh
+        return x, y, xh, _delay_targets(xh, delays, mix)
 
-    x, y, xh, yh = _cached(("rnn_sgd_sum", seed), data)
+    return _cached((name, seed), data)
+
+
+def _rnn_sgd_sum(seed: int) -> TaskRun:
+    cfg = TASK_RNN_SGD.info
+    steps, batch = TASK_RNN_SGD.steps, cfg["batch"]
+    d_in, d_out = 4, 2
+
+    x, y, xh, yh = _delay_data("rnn_sgd_sum", seed, 1, steps, batch, cfg, d_in, d_out)
     torch.manual_seed(seed)
     model = _RNNRegressor(d_in, cfg["hidden"], d_out, cfg["radius"])
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
@@ -555,21 +569,10 @@ TASK_CLASSIFIER = Task(
 
 def _rnn_adam_glitch(seed: int) -> TaskRun:
     cfg = TASK_RNN_ADAM.info
-    steps, batch, length = TASK_RNN_ADAM.steps, cfg["batch"], cfg["length"]
+    steps, batch = TASK_RNN_ADAM.steps, cfg["batch"]
     d_in, d_out = 4, 2
 
-    def data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        g = _gen(seed, 7)
-        mix = torch.randn(len(cfg["delays"]) * d_in, d_out, generator=g) * 0.6
-        x = torch.randn(steps, batch, length, d_in, generator=g)
-        y = _delay_targets(x.flatten(0, 1), cfg["delays"], mix).view(
-            steps, batch, length, d_out
-        )
-        xh = torch.randn(512, length, d_in, generator=g)
-        yh = _delay_targets(xh, cfg["delays"], mix)
-        return x, y, xh, yh
-
-    x, y, xh, yh = _cached(("rnn_adam_glitch", seed), data)
+    x, y, xh, yh = _delay_data("rnn_adam_glitch", seed, 7, steps, batch, cfg, d_in, d_out)
     bad = _late_steps(seed, steps, cfg["corrupt"], 0.3)
     torch.manual_seed(seed)
     model = _RNNRegressor(d_in, cfg["hidden"], d_out, cfg["radius"])
@@ -657,21 +660,10 @@ TASK_MLP_SPIKES = Task(
 
 def _rnn_momentum_mean(seed: int) -> TaskRun:
     cfg = TASK_RNN_MOMENTUM.info
-    steps, batch, length = TASK_RNN_MOMENTUM.steps, cfg["batch"], cfg["length"]
+    steps, batch = TASK_RNN_MOMENTUM.steps, cfg["batch"]
     d_in, d_out = 3, 2
 
-    def data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        g = _gen(seed, 9)
-        mix = torch.randn(len(cfg["delays"]) * d_in, d_out, generator=g) * 0.6
-        x = torch.randn(steps, batch, length, d_in, generator=g)
-        y = _delay_targets(x.flatten(0, 1), cfg["delays"], mix).view(
-            steps, batch, length, d_out
-        )
-        xh = torch.randn(512, length, d_in, generator=g)
-        yh = _delay_targets(xh, cfg["delays"], mix)
-        return x, y, xh, yh
-
-    x, y, xh, yh = _cached(("rnn_momentum_mean", seed), data)
+    x, y, xh, yh = _delay_data("rnn_momentum_mean", seed, 9, steps, batch, cfg, d_in, d_out)
     torch.manual_seed(seed)
     model = _RNNRegressor(d_in, cfg["hidden"], d_out, cfg["radius"])
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
