@@ -2,7 +2,7 @@
 
 python -m benchmarks.stability.validate RULES [latest|more]
 Grid scores: results/latest.json (seeds 0-9, all tasks), results/more_seeds.json
-(seeds 10-29, cnn_momentum and rnn_momentum_mean), copied from the main checkout.
+(seeds 10-29, cnn_momentum and rnn_momentum_mean).
 """
 
 import json
