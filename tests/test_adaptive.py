@@ -69,6 +69,32 @@ def test_percentile_matches_numpy_step_for_step(norms, p, window):
         assert ours == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
+@given(
+    norms=st.lists(
+        st.sampled_from([0.0, 0.5, 1.0, 2.0, math.inf, math.nan]) | st.floats(0.1, 3.0),
+        max_size=40,
+    ),
+    window=st.integers(1, 6),
+    float64=st.booleans(),
+)
+def test_percentile_sorted_window_is_the_history_sorted(norms, window, float64):
+    # ties, empty slots, and norms that are not recorded (0, inf, nan): the window the
+    # percentile reads is kept sorted by min/max passes and must equal a fresh sort
+    dtype = torch.float64 if float64 else torch.float32
+    strategy = PercentileClip(window=window)
+    _, _, opt = drive(strategy, norms, dtype)
+    state = opt.strategy.state_dict()
+    if not state:  # every step was skipped as non-finite: the strategy never ran
+        assert not any(math.isfinite(n) for n in norms)
+        return
+    history = state["history"]
+    expected = torch.sort(history.nan_to_num(nan=math.inf)).values
+    assert torch.equal(strategy._sorted, expected)
+    recorded = [n for n in norms if math.isfinite(n) and n > 0][-window:]
+    recorded = torch.tensor(sorted(recorded), dtype=dtype)
+    assert torch.equal(recorded, expected[: len(recorded)])
+
+
 @given(norms=norm_sequences, q=st.floats(0, 1))
 def test_percentile_exclude_current_matches_autoclip_package(norms, q):
     _, thresholds, _ = drive(
