@@ -10,16 +10,17 @@ import torch
 from torch import Tensor
 
 from ._engine import STATE_KEY, Clipper, NonfinitePolicy
+from ._front import ClipperView
 from ._optimizer import ClippedOptimizer
 from ._ownership import claim, release
-from ._protocol import ClipStats, ClipStrategy
+from ._protocol import ClipStrategy
 from ._spikes import SpikeSkip
 from ._torch_private import hand_over, read_handed, take_back
 
 __all__ = ["Attachment", "attach"]
 
 
-class Attachment:
+class Attachment(ClipperView):
     """Clipping attached to an optimizer through its own hooks; made by :func:`attach`.
 
     Attributes:
@@ -49,25 +50,6 @@ class Attachment:
         # torch's Optimizer.__getstate__ keeps no hooks, so a deep copy would lose the
         # clipping in silence; this instance attribute makes copies clip too.
         vars(optimizer)["__deepcopy__"] = self._copy_optimizer
-
-    @property
-    def strategy(self) -> ClipStrategy:
-        """The clipping strategy."""
-        return self.clipper.strategy
-
-    @property
-    def nonfinite(self) -> NonfinitePolicy:
-        """The non-finite policy."""
-        return self.clipper.nonfinite
-
-    @property
-    def last_stats(self) -> ClipStats | None:
-        """Statistics of the last step that had gradients (see ``ClippedOptimizer``)."""
-        return self.clipper.last_stats
-
-    def counts(self) -> dict[str, int]:
-        """The running counts (see :meth:`clipopt.Clipper.counts`)."""
-        return self.clipper.counts()
 
     def observe_loss(self, loss: Tensor | float) -> None:
         """Give the next ``step()``'s loss to the spike gate (``skip_spikes``)."""

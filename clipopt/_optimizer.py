@@ -12,8 +12,9 @@ from torch import Tensor
 from ._closure import step_with_closure
 from ._distributed import warn_if_fsdp1_without_group
 from ._engine import STATE_KEY, Clipper, NonfinitePolicy
+from ._front import ClipperView
 from ._ownership import claim, release
-from ._protocol import ClipStats, ClipStrategy
+from ._protocol import ClipStrategy
 from ._shell import DelegatingOptimizer
 from ._spikes import SpikeSkip
 from ._torch_private import (
@@ -29,7 +30,7 @@ from ._torch_private import (
 __all__ = ["ClippedOptimizer"]
 
 
-class ClippedOptimizer(DelegatingOptimizer):
+class ClippedOptimizer(ClipperView, DelegatingOptimizer):
     """Wrap a ``torch.optim`` optimizer so that ``step()`` clips the gradients first.
 
     The wrapper *is* a ``torch.optim.Optimizer``: LR schedulers, ``GradScaler``,
@@ -129,34 +130,7 @@ class ClippedOptimizer(DelegatingOptimizer):
         warn_if_fsdp1_without_group(optimizer, process_group, stacklevel=2)
         finish_optimizer(self)
 
-    # -- what the engine knows -----------------------------------------------------------
-
-    @property
-    def strategy(self) -> ClipStrategy:
-        """The clipping strategy."""
-        return self.clipper.strategy
-
-    @property
-    def nonfinite(self) -> NonfinitePolicy:
-        """The non-finite policy."""
-        return self.clipper.nonfinite
-
-    @property
-    def process_group(self) -> Any:
-        """The process group over which plain-tensor gradients are sharded, or None."""
-        return self.clipper.process_group
-
-    @property
-    def last_stats(self) -> ClipStats | None:
-        """:class:`clipopt.ClipStats` of the last step that had gradients, or None."""
-        return self.clipper.last_stats
-
-    def counts(self) -> dict[str, int]:
-        """Return the running counts as plain ints (see :meth:`clipopt.Clipper.counts`).
-
-        The counts are saved in ``state_dict()``, so they survive a resume.
-        """
-        return self.clipper.counts()
+    # -- the AMP contract ----------------------------------------------------------------
 
     @property
     def _step_supports_amp_scaling(self) -> bool:

@@ -49,6 +49,28 @@ def test_attach_equals_the_wrapper(inner, strategy):
     assert attached.counts() == wrapper.counts()
 
 
+def test_attachment_and_wrapper_show_their_engine_alike():
+    model = _model()
+    strategy = clipopt.NormClip(0.5)
+    wrapper = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), nonfinite="zero"
+    )
+    attached = clipopt.attach(
+        torch.optim.SGD(model.parameters(), lr=0.1), strategy, nonfinite="error"
+    )
+    for front, expected in ((wrapper, "zero"), (attached, "error")):
+        assert front.nonfinite == front.clipper.nonfinite == expected
+        assert front.strategy is front.clipper.strategy
+        assert front.process_group is None
+        assert front.last_stats is None
+    assert attached.strategy is strategy
+    loss_of(model, batches(1)[0]).backward()
+    attached.optimizer.step()
+    assert attached.last_stats is attached.clipper.last_stats is not None
+    assert attached.counts() == attached.clipper.counts()
+    assert attached.counts()["steps"] == 1
+
+
 def test_attach_skips_nonfinite_steps_and_keeps_state_in_the_state_dict():
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
