@@ -88,11 +88,14 @@ def stacked_norms(
         else:  # the last, shorter chunk
             batch = torch.stack(members, out=full[:size])
             batch = batch.view(size, -1) if dim is None else batch
-        if dim is None:
-            parts.append(torch.linalg.vector_norm(batch, norm_type, dim=1))
+        dims = 1 if dim is None else dim
+        if norm_type == math.inf:  # the scratch is ours: abs in place, then a max
+            parts.append(batch.abs_().amax(dim=dims, keepdim=keepdim and dim is not None))
         else:
             parts.append(
-                torch.linalg.vector_norm(batch, norm_type, dim=dim, keepdim=keepdim)
+                torch.linalg.vector_norm(
+                    batch, norm_type, dim=dims, keepdim=keepdim and dim is not None
+                )
             )
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 

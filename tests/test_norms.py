@@ -81,11 +81,12 @@ def test_norm_batches_ignored_where_they_do_not_apply():
     assert N.total_norm(meta, plan=batches).device.type == "meta"
 
 
-def test_norm_batches_keep_nonfinite_entries():
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_norm_batches_keep_nonfinite_entries(norm_type):
     tensors = [torch.randn(8) for _ in range(10)]
     tensors[3][2] = math.nan
-    tensors[7][0] = math.inf
-    norms = N.tensor_norms(tensors, plan=N.NormPlan(tensors, min_count=4))
+    tensors[7][0] = -math.inf
+    norms = N.tensor_norms(tensors, norm_type, plan=N.NormPlan(tensors, min_count=4))
     assert math.isnan(norms[3])
     assert math.isinf(norms[7])
     assert torch.isfinite(norms[[0, 1, 2, 4, 5, 6, 8, 9]]).all()
