@@ -77,6 +77,7 @@ class PercentileClip(TensorState):
         self.norm_type = check_norm_type(norm_type)
         self.foreach = check_foreach(foreach)
         self._sorted: Tensor | None = None
+        self._ranks: Tensor | None = None  # 0, 1, ..., window - 1 (arange is slow on CPU)
 
     def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
         return {
@@ -128,7 +129,10 @@ class PercentileClip(TensorState):
         history, count = state["history"], state["count"]
         ordered = self._window_sorted(history)
         record = recordable(norm, skip)
-        new_ordered = _evict_and_insert(history, ordered, count, norm, record)
+        ranks = self._ranks
+        if ranks is None or ranks.device != history.device:
+            ranks = self._ranks = _ranks(self.window, history.device)
+        new_ordered = _evict_and_insert(history, ordered, ranks, count, norm, record)
         new_count = count + record.to(count.dtype)
         if self.include_current:
             window, valid = new_ordered, new_count
@@ -143,8 +147,19 @@ class PercentileClip(TensorState):
         return ClipResult(threshold, coef, coef < 1.0, (Scale(coef),))
 
 
+def _ranks(window: int, device: torch.device) -> Tensor:
+    """The ranks of a window, in a dtype that holds them and their half-steps exactly."""
+    exact = torch.float32 if window < 2**22 else torch.float64
+    return torch.arange(window, dtype=exact, device=device)
+
+
 def _evict_and_insert(
-    history: Tensor, ordered: Tensor, count: Tensor, norm: Tensor, record: Tensor
+    history: Tensor,
+    ordered: Tensor,
+    ranks: Tensor,
+    count: Tensor,
+    norm: Tensor,
+    record: Tensor,
 ) -> Tensor:
     """Write ``norm`` over the ring's oldest entry; return the window sorted anew.
 
@@ -160,12 +175,9 @@ def _evict_and_insert(
     old = history.gather(0, slot)
     evicted = old.nan_to_num(nan=math.inf)  # inf while filling
     n = torch.where(record, norm.to(history.dtype).reshape(1), evicted)
-    # ranks are exact half-integers in float32 below 2**22
-    exact = torch.float32 if w < 2**22 else torch.float64
-    rank = torch.searchsorted(ordered, evicted).to(exact)
+    rank = torch.searchsorted(ordered, evicted).to(ranks.dtype)
     # -inf below the evicted value's rank, +inf from it on (never 0 * inf)
-    removed = torch.arange(w, dtype=exact, device=history.device)
-    removed = removed.sub_(rank - 0.5).mul_(math.inf).to(ordered.dtype)
+    removed = ranks.sub(rank - 0.5).mul_(math.inf).to(ordered.dtype)
     head, tail = removed.narrow(0, 0, w - 1), ordered.narrow(0, 1, w - 1)
     head.clamp_(max=tail).clamp_(min=ordered.narrow(0, 0, w - 1))  # the last stays inf
     new = torch.minimum(removed, n)
