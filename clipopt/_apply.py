@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import _distributed as D
 from . import functional as F
 from ._protocol import (
     Clamp,
@@ -27,7 +28,14 @@ from ._protocol import (
     ScaleEach,
 )
 
-__all__ = ["Applier", "apply_factors", "as_measurement", "clip_gradients", "host_readable"]
+__all__ = [
+    "Applier",
+    "apply_factors",
+    "as_measurement",
+    "clip_gradients",
+    "host_readable",
+    "unscale_",
+]
 
 
 def host_readable(tensor: Tensor) -> bool:
@@ -164,3 +172,11 @@ def clip_gradients(
     result = strategy.clip(inputs, measured)
     apply_factors(inputs, result, measured.norm)
     return measured, result
+
+
+def unscale_(grads: list[Tensor], scale: Tensor) -> None:
+    """Divide the gradients by ``scale`` in place, as a fused kernel's ``grad_scale``."""
+    from ._torch_private import group_by_device_and_dtype
+
+    for device, members, _ in group_by_device_and_dtype(D.locals_of(grads)):
+        torch._foreach_div_(members, scale.to(device))

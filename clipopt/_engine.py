@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import _distributed as D
 from . import functional as F
-from ._apply import Applier, as_measurement, host_readable
+from ._apply import Applier, as_measurement, host_readable, unscale_
 from ._counters import COUNTERS, Counters, Flag
 from ._layout import Gradients
 from ._protocol import ClipInputs, ClipResult, ClipStats, ClipStrategy, Measurement, Scale
@@ -153,7 +153,7 @@ class Clipper:
         if scale is not None and not one_pass:
             # The gradients are scaled; unscale them as the kernel would (a division),
             # so that the strategy sees true gradients, and hand it no grad_scale.
-            _unscale_(list(inputs.grads), scale)
+            unscale_(list(inputs.grads), scale)
         measured, nonfinite = self._measure(inputs, scale if one_pass else None)
         norm = measured.norm
         overflow = None if found_inf is None else _known(found_inf.reshape(()) > 0)
@@ -429,15 +429,3 @@ def _any(flags: list[Flag], like: Tensor) -> Tensor:
 def _known(flag: Tensor) -> Flag:
     """A flag as a bool where reading it is free (a CPU tensor), else the tensor."""
     return bool(flag) if host_readable(flag) else flag
-
-
-def _unscale_(grads: list[Tensor], scale: Tensor) -> None:
-    """Divide the gradients by ``scale`` in place, as a fused kernel's ``grad_scale``."""
-    for device, members, _ in _group(grads):
-        torch._foreach_div_(members, scale.to(device))
-
-
-def _group(grads: list[Tensor]) -> Any:
-    from ._torch_private import group_by_device_and_dtype
-
-    return group_by_device_and_dtype(D.locals_of(grads))
