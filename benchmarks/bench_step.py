@@ -100,6 +100,8 @@ def full_window(window: int) -> clipopt.PercentileClip:
     strategy = clipopt.PercentileClip(90, window=window)
     g = torch.Generator().manual_seed(window)
     history = 0.5 * torch.exp(0.15 * torch.randn(window, generator=g, dtype=torch.float64))
+    # float32, as a run with float32 gradients keeps it (a float64 window costs twice)
+    history = history.to(torch.float32)
     strategy.load_state_dict({"history": history, "count": torch.tensor(window)})
     return strategy
 

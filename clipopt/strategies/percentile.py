@@ -76,8 +76,7 @@ class PercentileClip(TensorState):
         self.include_current = check_bool("include_current", include_current)
         self.norm_type = check_norm_type(norm_type)
         self.foreach = check_foreach(foreach)
-        self._sorted: Tensor | None = None
-        self._ranks: Tensor | None = None  # 0, 1, ..., window - 1 (arange is slow on CPU)
+        self._sorted: _SortedWindow | None = None
 
     def _fresh_state(self, norm: Tensor, num_params: int) -> dict[str, Tensor]:
         return {
@@ -105,17 +104,6 @@ class PercentileClip(TensorState):
         """Return the total ``norm_type``-norm of the gradients."""
         return Measurement(total_norm_of(inputs, self.norm_type, self.foreach))
 
-    def _window_sorted(self, history: Tensor) -> Tensor:
-        """The window in ascending order, empty slots (NaN in history) last as inf.
-
-        Derived from the history by one sort after a load, a reset or a device move;
-        then kept up to date step by step.
-        """
-        ordered = self._sorted
-        if ordered is None or ordered.device != history.device:
-            ordered = torch.sort(history.nan_to_num(nan=math.inf)).values
-        return ordered
-
     def clip(
         self, inputs: ClipInputs, measured: Measurement, skip: Tensor | None = None
     ) -> ClipResult:
@@ -127,60 +115,72 @@ class PercentileClip(TensorState):
         norm = measured.norm
         state = self._state_on(norm)
         history, count = state["history"], state["count"]
-        ordered = self._window_sorted(history)
+        window = self._sorted
+        if window is None or not window.fits(history):
+            window = self._sorted = _SortedWindow(history)
         record = recordable(norm, skip)
-        ranks = self._ranks
-        if ranks is None or ranks.device != history.device:
-            ranks = self._ranks = _ranks(self.window, history.device)
-        new_ordered = _evict_and_insert(history, ordered, ranks, count, norm, record)
+        ordered = window.update(history, count, norm, record)
+        new_ordered = window.values
         new_count = count + record.to(count.dtype)
         if self.include_current:
-            window, valid = new_ordered, new_count
+            values, valid = new_ordered, new_count
         else:
-            window, valid = ordered, count
+            values, valid = ordered, count
         threshold = F.percentile_sorted(
-            window, valid.clamp(max=self.window), self.percentile
+            values, valid.clamp(max=self.window), self.percentile
         ).to(norm.dtype)
         state["count"] = new_count
-        self._sorted = new_ordered
         coef = F.clip_coef(norm, threshold)
         return ClipResult(threshold, coef, coef < 1.0, (Scale(coef),))
 
 
-def _ranks(window: int, device: torch.device) -> Tensor:
-    """The ranks of a window, in a dtype that holds them and their half-steps exactly."""
-    exact = torch.float32 if window < 2**22 else torch.float64
-    return torch.arange(window, dtype=exact, device=device)
+class _SortedWindow:
+    """The ring buffer's values in ascending order (empty slots last, as inf).
 
-
-def _evict_and_insert(
-    history: Tensor,
-    ordered: Tensor,
-    ranks: Tensor,
-    count: Tensor,
-    norm: Tensor,
-    record: Tensor,
-) -> Tensor:
-    """Write ``norm`` over the ring's oldest entry; return the window sorted anew.
-
-    Both moves are min/max passes over the sorted window, no sort, no boolean mask
-    (comparisons and ``where`` over the window cost 2-4x a min/max on CPU): removing
-    the evicted value shifts every entry from its rank on to its successor's value,
-    and inserting ``norm`` clamps it between each entry's predecessor and the entry
-    itself. Where ``record`` is False the evicted value is put back, which changes
-    nothing. All of it is tensor code: no host read.
+    Derived from the history by one sort after a load, a reset or a device move, then
+    updated step by step: :meth:`update` removes the evicted value and inserts the new
+    one by min/max passes over the window, no sort and no boolean mask (comparisons
+    and ``where`` over the window cost 2-4x a min/max on the CPU). Removing shifts
+    every entry from the evicted value's rank on to its successor's value; inserting
+    clamps the new value between each entry's predecessor and the entry itself. The
+    buffers are kept, so a step allocates nothing of the window's size (a fresh one
+    costs page faults on the CPU). All of it is tensor code: no host read.
     """
-    w = history.numel()
-    slot = torch.remainder(count, w).reshape(1)
-    old = history.gather(0, slot)
-    evicted = old.nan_to_num(nan=math.inf)  # inf while filling
-    n = torch.where(record, norm.to(history.dtype).reshape(1), evicted)
-    rank = torch.searchsorted(ordered, evicted).to(ranks.dtype)
-    # -inf below the evicted value's rank, +inf from it on (never 0 * inf)
-    removed = ranks.sub(rank - 0.5).mul_(math.inf).to(ordered.dtype)
-    head, tail = removed.narrow(0, 0, w - 1), ordered.narrow(0, 1, w - 1)
-    head.clamp_(max=tail).clamp_(min=ordered.narrow(0, 0, w - 1))  # the last stays inf
-    new = torch.minimum(removed, n)
-    new.narrow(0, 1, w - 1).clamp_(min=head)
-    history.scatter_(0, slot, torch.where(record, n, old))
-    return new
+
+    def __init__(self, history: Tensor) -> None:
+        w = history.numel()
+        self.values = torch.sort(history.nan_to_num(nan=math.inf)).values
+        self._spare = torch.empty_like(self.values)  # the next update writes here
+        self._scratch = torch.empty_like(self.values)
+        # the ranks and their half-steps are exact in float32 below 2**22
+        exact = torch.float32 if w < 2**22 else torch.float64
+        self._ranks = torch.arange(w, dtype=exact, device=history.device)
+
+    def fits(self, history: Tensor) -> bool:
+        """Whether this was derived for a history of this device and dtype."""
+        return (self.values.device, self.values.dtype) == (history.device, history.dtype)
+
+    def update(
+        self, history: Tensor, count: Tensor, norm: Tensor, record: Tensor
+    ) -> Tensor:
+        """Write ``norm`` over the ring's oldest entry and sort the window anew.
+
+        Where ``record`` is False the evicted value is put back, which changes nothing.
+        Returns the window as it was before, valid until the next update.
+        """
+        before, after, removed = self.values, self._spare, self._scratch
+        w = history.numel()
+        slot = torch.remainder(count, w).reshape(1)
+        old = history.gather(0, slot)
+        evicted = old.nan_to_num(nan=math.inf)  # inf while filling
+        n = torch.where(record, norm.to(history.dtype).reshape(1), evicted)
+        rank = torch.searchsorted(before, evicted).to(self._ranks.dtype)
+        # -inf below the evicted value's rank, +inf from it on (never 0 * inf)
+        torch.sub(self._ranks, rank - 0.5, out=removed).mul_(math.inf)
+        head = removed.narrow(0, 0, w - 1)
+        head.clamp_(max=before.narrow(0, 1, w - 1)).clamp_(min=before.narrow(0, 0, w - 1))
+        torch.minimum(removed, n, out=after)  # the last entry of removed stays inf
+        after.narrow(0, 1, w - 1).clamp_(min=head)
+        history.scatter_(0, slot, torch.where(record, n, old))
+        self.values, self._spare = after, before
+        return before
