@@ -89,7 +89,7 @@ def stacked_norms(
             batch = torch.stack(members, out=full[:size])
             batch = batch.view(size, -1) if dim is None else batch
         dims = 1 if dim is None else dim
-        if norm_type == math.inf:  # the scratch is ours: abs in place, then a max
+        if norm_type == math.inf and not batch.is_complex():  # our scratch: abs in place
             parts.append(batch.abs_().amax(dim=dims, keepdim=keepdim and dim is not None))
         else:
             parts.append(

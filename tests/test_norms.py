@@ -92,6 +92,16 @@ def test_norm_batches_keep_nonfinite_entries(norm_type):
     assert torch.isfinite(norms[[0, 1, 2, 4, 5, 6, 8, 9]]).all()
 
 
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_norm_batches_of_complex_tensors_equal_torch(norm_type):
+    tensors = [torch.randn(4, 4, dtype=torch.complex64) for _ in range(20)]
+    copies = [t.clone() for t in tensors]
+    got = N.tensor_norms(tensors, norm_type, plan=N.NormPlan(tensors, min_count=4))
+    want = torch.stack([torch.linalg.vector_norm(t, norm_type) for t in tensors])
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, copies, strict=True))
+
+
 # -- NormPlan(exact=False): dot products for large tensors ---------------------------
 
 
