@@ -27,6 +27,7 @@ from ._protocol import (
     Scale,
     ScaleEach,
 )
+from ._torch_private import group_by_device_and_dtype
 
 __all__ = [
     "Applier",
@@ -176,7 +177,5 @@ def clip_gradients(
 
 def unscale_(grads: list[Tensor], scale: Tensor) -> None:
     """Divide the gradients by ``scale`` in place, as a fused kernel's ``grad_scale``."""
-    from ._torch_private import group_by_device_and_dtype
-
     for device, members, _ in group_by_device_and_dtype(D.locals_of(grads)):
         torch._foreach_div_(members, scale.to(device))

@@ -88,15 +88,11 @@ def stacked_norms(
         else:  # the last, shorter chunk
             batch = torch.stack(members, out=full[:size])
             batch = batch.view(size, -1) if dim is None else batch
-        dims = 1 if dim is None else dim
+        dims, keep = (1, False) if dim is None else (dim, keepdim)
         if norm_type == math.inf and not batch.is_complex():  # our scratch: abs in place
-            parts.append(batch.abs_().amax(dim=dims, keepdim=keepdim and dim is not None))
+            parts.append(batch.abs_().amax(dim=dims, keepdim=keep))
         else:
-            parts.append(
-                torch.linalg.vector_norm(
-                    batch, norm_type, dim=dims, keepdim=keepdim and dim is not None
-                )
-            )
+            parts.append(torch.linalg.vector_norm(batch, norm_type, dim=dims, keepdim=keep))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

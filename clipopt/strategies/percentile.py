@@ -32,7 +32,7 @@ class PercentileClip(TensorState):
     and the percentile interpolates linearly, as ``numpy.percentile``. While the history
     fits the window this is the paper's algorithm step for step. Non-finite and zero
     norms are not recorded. The window is also kept sorted, updated by one eviction and
-    one insertion per step (four min/max passes over the window, no sort).
+    one insertion per step (a few min/max passes over the window, no sort).
 
     Args:
         percentile: p in ``[0, 100]``. The paper's recommendation is 10: about 90% of
