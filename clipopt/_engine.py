@@ -36,7 +36,7 @@ from ._layout import Gradients
 from ._protocol import ClipInputs, ClipResult, ClipStats, ClipStrategy, Measurement, Scale
 from ._registry import build_strategy
 from ._spikes import Parts, SpikeSkip, spike_of
-from ._torch_private import fused_kernel, kernel_skip_is_safe
+from ._torch_private import fused_kernel, kernel_skip_is_safe, set_grad_mode
 
 __all__ = ["STATE_KEY", "Clipper", "Handover", "NonfinitePolicy"]
 
@@ -104,6 +104,7 @@ class Clipper:
         self._gradients = Gradients(self.strategy, self._group.value, self._applier)
         self._counters = Counters()
         self._no_grad_steps = 0
+        self._fused = fused_kernel(optimizer)
 
     @property
     def process_group(self) -> Any:
@@ -113,11 +114,10 @@ class Clipper:
     @property
     def fused(self) -> bool:
         """Whether the optimizer's kernel takes ``grad_scale`` and ``found_inf``."""
-        return fused_kernel(self.optimizer)
+        return self._fused
 
     # -- the step ------------------------------------------------------------------------
 
-    @torch.no_grad()
     def clip(
         self, grad_scale: Tensor | None = None, found_inf: Tensor | None = None
     ) -> Handover | None:
@@ -136,7 +136,24 @@ class Clipper:
         Raises:
             RuntimeError: Non-finite gradients under ``nonfinite="error"``.
         """
-        fused = self.fused
+        # Under no_grad, set with torch's C switch: the context manager's objects cost
+        # more than the whole clip of a small model's gradients in a training loop.
+        if not torch.is_grad_enabled():
+            return self._clip(grad_scale, found_inf)
+        set_grad_mode(False)
+        try:
+            return self._clip(grad_scale, found_inf)
+        finally:
+            set_grad_mode(True)
+
+    def _clip(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> Handover | None:
+        """:meth:`clip`, under no_grad.
+
+        Written flat on purpose: in a training loop (caches cold after the backward
+        pass) every Python function a step enters costs about a microsecond, as much as
+        an op on a small tensor, so the host-known common case calls few of them.
+        """
+        fused = self._fused
         if not fused:  # a plain optimizer ignores them, and so does clipping
             grad_scale = found_inf = None
         strategy = self.strategy
@@ -156,7 +173,10 @@ class Clipper:
             unscale_(list(inputs.grads), scale)
         measured, nonfinite = self._measure(inputs, scale if one_pass else None)
         norm = measured.norm
-        overflow = None if found_inf is None else _known(found_inf.reshape(()) > 0)
+        readable = nonfinite is False or nonfinite is True  # read: a real CPU tensor
+        overflow = None
+        if found_inf is not None:
+            overflow = _known(found_inf.reshape(()) > 0)
         loss, self._loss = self._loss, None
         spike: Flag | None = None
         if self.spikes is not None:
@@ -164,7 +184,7 @@ class Clipper:
             spike = _known(spike_flag)
         step = self._counters.calls
         skip: Tensor | None = None
-        if self._kernel_decides(fused, inputs, norm):
+        if fused and not readable and self._kernel_decides(inputs):
             terms = [nonfinite] if self.nonfinite == "skip" else []
             terms += [t for t in (overflow, spike) if t is not None]
             for term in terms:  # device flags on this path
@@ -173,7 +193,7 @@ class Clipper:
             if self.spikes is not None:  # skipped for another reason: nothing recorded
                 other = _any(terms[: len(terms) - 1], norm)
                 self._record_spikes(parts, torch.logical_not(other))
-        elif (
+        elif (nonfinite is not False or overflow is not None or spike is not None) and (
             self.nonfinite in ("skip", "error") or overflow is not None or spike is not None
         ):
             reason, nonfinite = self._host_decision(norm, nonfinite, overflow, spike)
@@ -184,17 +204,23 @@ class Clipper:
                 return None
             overflow = False
         result = strategy.clip(inputs, measured, skip if strategy.honours_skip else None)
-        clipped = _known(result.clipped) if skip is None else result.clipped
+        clipped: Flag = result.clipped
+        if skip is None:  # known on the host where the norm was
+            flag = result.clipped
+            on_host = readable and type(flag) is Tensor and flag.device.type == "cpu"
+            clipped = bool(flag) if on_host else _known(flag)
         unchanged = clipped is False and nonfinite is False
-        handover = self._apply(
-            inputs, result, norm, fused, scale if one_pass else None, unchanged
-        )
+        handover = None
+        if fused or not unchanged:
+            handover = self._apply(
+                inputs, result, norm, fused, scale if one_pass else None, unchanged
+            )
         found = None if skip is None else skip.to(torch.float32)
         raw = (norm, result.threshold, result.coef, clipped, nonfinite, False)
         self._counters.stepped(step, raw, skip, overflow, spike)
         return Handover(handover, found)
 
-    def _kernel_decides(self, fused: bool, inputs: ClipInputs, norm: Tensor) -> bool:
+    def _kernel_decides(self, inputs: ClipInputs) -> bool:
         """Whether a fused kernel skips the step (``found_inf``) instead of the host.
 
         Only on an accelerator (on the CPU the read is free, and cheaper than the
@@ -202,10 +228,8 @@ class Clipper:
         step, and once the optimizer's state survives a skipped kernel step.
         """
         return (
-            fused
-            and self.nonfinite != "error"
+            self.nonfinite != "error"
             and self.strategy.honours_skip
-            and not host_readable(norm)
             and kernel_skip_is_safe(self.optimizer, inputs.params, inputs.group_index)
         )
 
@@ -232,6 +256,8 @@ class Clipper:
             RuntimeError: Non-finite gradients under ``"error"`` (not an overflow that
                 GradScaler handles).
         """
+        if nonfinite is False and (overflow is None or overflow is False) and spike is None:
+            return None, False  # all known on the host, nothing to read
         flags = [nonfinite, bool(overflow is not None and overflow), spike or False]
         if any(isinstance(f, Tensor) for f in flags):
             device = next(f.device for f in flags if isinstance(f, Tensor))
@@ -262,19 +288,17 @@ class Clipper:
         happens only on a non-finite step; on an accelerator, without a host read, it
         happens every step.
         """
-
-        def measure() -> Measurement:
-            measured = as_measurement(self.strategy.measure(inputs))
-            if scale is None:
-                return measured
-            norm = measured.norm
-            return measured._replace(norm=norm / scale.to(norm.device, norm.dtype))
-
-        measured = measure()
-        nonfinite = _nonfinite(measured.norm)
+        measured = self.strategy.measure(inputs)
+        if type(measured) is not Measurement or scale is not None:
+            measured = _unscaled(as_measurement(measured), scale)
+        norm = measured.norm
+        if host_readable(norm):
+            nonfinite: Flag = not math.isfinite(norm.item())
+        else:
+            nonfinite = torch.logical_not(torch.isfinite(norm))
         if self.nonfinite == "zero" and nonfinite is not False:
             F.nonfinite_to_zero_(inputs.grads)
-            measured = measure()
+            measured = _unscaled(as_measurement(self.strategy.measure(inputs)), scale)
         return measured, nonfinite
 
     def _apply(
@@ -411,11 +435,12 @@ class Clipper:
         self._counters.reset()
 
 
-def _nonfinite(norm: Tensor) -> Flag:
-    """Whether a statistic is non-finite: a bool where reading it is free, else a tensor."""
-    if host_readable(norm):
-        return not math.isfinite(norm.item())
-    return torch.logical_not(torch.isfinite(norm))
+def _unscaled(measured: Measurement, scale: Tensor | None) -> Measurement:
+    """The measurement of gradients still scaled by ``scale`` (None: unscaled)."""
+    if scale is None:
+        return measured
+    norm = measured.norm
+    return measured._replace(norm=norm / scale.to(norm.device, norm.dtype))
 
 
 def _any(flags: list[Flag], like: Tensor) -> Tensor:

@@ -9,6 +9,9 @@ plan for it) serves every step.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -16,9 +19,12 @@ import torch
 from torch import Tensor
 
 from ._norms import NormPlan
-from ._protocol import ClipInputs, ClipResult, ClipStrategy
+from ._protocol import ClipInputs, ClipResult, ClipStrategy, inputs_of
 
 __all__ = ["Gradients", "Layout", "Selection"]
+
+_GRAD = operator.attrgetter("grad")
+_IS_NONE = functools.partial(operator.is_, None)
 
 
 class Selection:
@@ -47,6 +53,8 @@ class Selection:
             self.names = None if names is None else [names[i] for i in keep]
         self.plan: Any = None
         self.planned = False
+        #: Per ``exact``: the fields of the selection's ClipInputs but grads and step.
+        self.fields: dict[bool, dict[str, Any]] = {}
         #: Positions of sparse gradients, found at the selection's first step.
         self.sparse: list[int] | None = None
 
@@ -185,10 +193,14 @@ class Gradients:
             ValueError: A group key the strategy does not read.
         """
         layout = self.current(groups)
-        grads = [p.grad for p in layout.params]
-        missing = tuple([i for i, g in enumerate(grads) if g is None])
-        if len(missing) == len(grads):
-            return None
+        # (map with C callables: this runs every step, and a comprehension's Python
+        # loop over thousands of parameters is what a launch-bound step pays for)
+        grads = list(map(_GRAD, layout.params))
+        missing: tuple[int, ...] = ()
+        if any(map(_IS_NONE, grads)):
+            missing = tuple(i for i, g in enumerate(grads) if g is None)
+            if len(missing) == len(grads):
+                return None
         selection = layout.select(missing)
         present = cast(
             list[Tensor], grads if not missing else [grads[i] for i in selection.indices]
@@ -198,23 +210,27 @@ class Gradients:
         sparse = selection.sparse
         if sparse:
             present = self._sparse_values(selection, present, sparse)
-        args = (
-            selection.params,
-            present,
-            step,
-            selection.indices,
-            len(grads),
-            selection.group_index,
-            layout.groups,
-            selection.names,
-            layout.uniform,
-            self.process_group,
-            None if sparse else selection.norm_plan(exact),
-        )
-        if not selection.planned:  # the strategy plans once per selection
-            selection.plan = self.strategy.plan(ClipInputs(*args))
-            selection.planned = True
-        return ClipInputs(*args, plan=selection.plan, apply=self.apply)
+        fields = selection.fields.get(exact)
+        if fields is None:  # once per selection: all but the gradients and the step
+            fields = {
+                "params": selection.params,
+                "indices": selection.indices,
+                "num_params": len(grads),
+                "group_index": selection.group_index,
+                "groups": layout.groups,
+                "names": selection.names,
+                "uniform": layout.uniform,
+                "process_group": self.process_group,
+                "norm_plan": None if sparse else selection.norm_plan(exact),
+                "apply": self.apply,
+            }
+            if not selection.planned:  # the strategy plans once per selection
+                first = ClipInputs(grads=present, step=step, **fields)
+                selection.plan = self.strategy.plan(dataclasses.replace(first, apply=None))
+                selection.planned = True
+            fields["plan"] = selection.plan
+            selection.fields[exact] = fields
+        return inputs_of(fields, present, step)
 
     def _sparse_values(
         self, selection: Selection, grads: list[Tensor], sparse: list[int]

@@ -232,6 +232,14 @@ def total_norm(
     """
     if len(tensors) == 0:
         raise ValueError("tensors must not be empty")
+    if uniform and group is None and plan is None and norm_type != math.inf:
+        # the common step: plain tensors of one device and dtype, as clip_grad_norm_
+        # takes them (kept short: a small model's step pays for every call here)
+        head = tensors[0]
+        if type(head) is Tensor and use_foreach([head], head.device, foreach):
+            norms = torch.stack(torch._foreach_norm(list(tensors), norm_type))
+            result: Tensor = torch.linalg.vector_norm(norms, norm_type)
+            return result
     if group is not None:
         # One scalar collective over the local totals: it holds whatever tensors each rank
         # has (shards of the same parameters, or different ones), where an element-wise

@@ -96,6 +96,18 @@ class ClipInputs:
             object.__setattr__(self, "groups", ({},))
 
 
+def inputs_of(fields: dict[str, Any], grads: Sequence[Tensor], step: int) -> ClipInputs:
+    """The engine's :class:`ClipInputs` of a step, from a selection's complete fields.
+
+    Every field but ``grads`` and ``step`` was checked and filled once for the
+    selection, so the generated ``__init__`` and ``__post_init__`` (a dozen frozen
+    assignments) are not run again at every step: a small model's step pays for them.
+    """
+    inputs = object.__new__(ClipInputs)
+    vars(inputs).update(fields, grads=grads, step=step)
+    return inputs
+
+
 class Measurement(NamedTuple):
     """What :meth:`ClipStrategy.measure` found.
 

@@ -7,7 +7,8 @@ reads a private attribute; add new touchpoints here, with a test.
 
 1. ``torch.utils._foreach_utils``: torch's own grouping of tensors by device and dtype
    and its foreach-support checks, so that clipopt groups exactly as
-   ``clip_grad_norm_`` does (and keeps its bits).
+   ``clip_grad_norm_`` does (and keeps its bits); and ``torch._C._set_grad_enabled``,
+   the switch behind ``torch.no_grad``.
 2. The fused-kernel protocol of ``torch.optim`` (Adam, AdamW, SGD, Adagrad with
    ``fused=True``): an optimizer whose ``_step_supports_amp_scaling`` is True reads the
    attributes ``grad_scale`` (it divides the gradients by it, and writes the divided
@@ -37,8 +38,8 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import (
     _device_has_foreach_support,
+    _foreach_supported_types,
     _group_tensors_by_device_and_dtype,
-    _has_foreach_support,
 )
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "kernel_skip_is_safe",
     "mark_hooked",
     "read_handed",
+    "set_grad_mode",
     "take_back",
     "unscaled",
     "use_foreach",
@@ -86,21 +88,43 @@ def group_pairs_by_device_and_dtype(
     ]
 
 
+#: torch's answer per device type (asked at every step; a device type's never changes).
+_FOREACH_DEVICES: dict[str, bool] = {}
+
+
+def _device_foreach(device: torch.device) -> bool:
+    known = _FOREACH_DEVICES.get(device.type)
+    if known is None:
+        known = _FOREACH_DEVICES[device.type] = bool(_device_has_foreach_support(device))
+    return known
+
+
 def use_foreach(tensors: list[Tensor], device: torch.device, foreach: bool | None) -> bool:
     """Whether to use the foreach kernels, as ``torch.nn.utils`` decides it.
+
+    torch's ``_has_foreach_support``, with the device's answer kept: the step asks
+    this every time, and torch's check is a chain of calls that costs more in a
+    training loop (cold caches) than the whole norm of a small model's gradients.
 
     Raises:
         RuntimeError: ``foreach=True`` on a device without foreach kernels (torch's
             message).
     """
     if foreach is None:
-        return bool(_has_foreach_support(tensors, device))
-    if foreach and not _device_has_foreach_support(device):
+        return _device_foreach(device) and all(
+            t is None or type(t) in _foreach_supported_types for t in tensors
+        )
+    if foreach and not _device_foreach(device):
         raise RuntimeError(
             f"foreach=True was passed, but the foreach API does not support "
             f"{device.type} tensors"
         )
     return foreach
+
+
+#: Sets autograd's grad mode (``torch._C._set_grad_enabled``): what ``torch.no_grad``
+#: does inside, without the context manager's Python objects (the engine's step).
+set_grad_mode = torch._C._set_grad_enabled
 
 
 # -- 2. the fused-kernel protocol --------------------------------------------------------

@@ -137,7 +137,12 @@ def clip_coef(norm: Tensor, threshold: float | Tensor, *, eps: float = NORM_EPS)
     Returns:
         A 0-dim tensor in ``[0, 1]`` (NaN if ``norm`` is NaN).
     """
-    return torch.clamp(threshold / (norm + eps), max=1.0)
+    shifted = norm + eps
+    if isinstance(threshold, Tensor):
+        return torch.clamp(threshold / shifted, max=1.0)
+    # torch's arithmetic (``threshold / x`` is ``x.reciprocal() * threshold``), in place
+    # on the new tensor: the same bits as ``clip_grad_norm_``'s coefficient
+    return shifted.reciprocal_().mul_(threshold).clamp_(max=1.0)
 
 
 def _mul_each(

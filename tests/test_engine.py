@@ -47,6 +47,35 @@ def test_schedules_see_the_same_steps_on_the_host_and_the_kernel_skip_path():
     assert kernel.counts() == host.counts()
 
 
+# -- grad mode -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_step_runs_without_autograd_and_restores_the_grad_mode(enabled):
+    """Gradients that require grad (create_graph=True) are clipped without a graph,
+    and the grad mode is as it was after a step, also after one that raised."""
+    p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    (p * p).sum().backward(create_graph=True)
+    assert p.grad.requires_grad
+    before = p.grad.grad_fn
+    opt = ClippedOptimizer(torch.optim.SGD([p], lr=0.0), "norm", max_norm=1.0)
+    with torch.set_grad_enabled(enabled):
+        opt.step()
+        assert torch.is_grad_enabled() is enabled
+        assert p.grad.grad_fn is before  # the in-place scaling was not recorded
+        expected = torch.tensor([6.0, 8.0]) / (10.0 + 1e-6)
+        assert torch.allclose(p.grad.detach(), expected)
+        bad = ClippedOptimizer(
+            torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1),
+            "norm",
+            nonfinite="error",
+        )
+        bad.param_groups[0]["params"][0].grad = torch.tensor([math.nan])
+        with pytest.raises(RuntimeError, match="non-finite"):
+            bad.step()
+        assert torch.is_grad_enabled() is enabled
+
+
 # -- checks without copies, snapshots without deep copies --------------------------------
 
 

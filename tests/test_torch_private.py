@@ -25,6 +25,37 @@ def test_foreach_grouping_matches_torch_utils():
         P.use_foreach([torch.ones(1, device=meta)], meta, True)
 
 
+def test_foreach_answer_is_torchs_and_kept_per_device_type():
+    """Item 1: use_foreach gives torch's _has_foreach_support answer (kept per type)."""
+    from torch.utils._foreach_utils import _has_foreach_support
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    plain, param = torch.ones(2), torch.nn.Parameter(torch.ones(2))
+    for tensors, device in (([plain], cpu), ([param], cpu), ([plain, None], cpu)):
+        for _ in range(2):  # the second answer comes from the kept one
+            assert P.use_foreach(tensors, device, None) == _has_foreach_support(
+                tensors, device
+            ), f"torch's foreach support changed for {tensors!r} on {device}"
+    meta_tensor = torch.ones(1, device=meta)
+    assert P.use_foreach([meta_tensor], meta, None) == _has_foreach_support(
+        [meta_tensor], meta
+    )
+    assert P.use_foreach([plain], cpu, False) is False
+
+
+def test_grad_mode_switch_is_what_no_grad_sets():
+    """Item 1: set_grad_mode switches the mode torch.no_grad switches."""
+    assert torch.is_grad_enabled()
+    P.set_grad_mode(False)
+    try:
+        assert not torch.is_grad_enabled(), "torch._C._set_grad_enabled changed"
+        x = torch.ones(2, requires_grad=True)
+        assert not (x * 2).requires_grad
+    finally:
+        P.set_grad_mode(True)
+    assert torch.is_grad_enabled()
+
+
 def _fused_adam():
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 4.0)
