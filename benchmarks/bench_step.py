@@ -89,6 +89,11 @@ LAYOUTS = {
 }
 #: Torch threads per layout (None: as configured).
 THREADS = {"D 25k/12 (1 thread)": 1}
+#: Repetitions per round, times ``--reps``, for layouts whose steps take well under a
+#: millisecond: one such step's time varies by tens of percent with what ran before it
+#: (caches), and the median of three did not make a ratio stable between runs (0.79 to
+#: 1.06 in six runs of D with three); with sixty it costs about a minute.
+REPS_SCALE = {"D 25k/12 (1 thread)": 20}
 
 
 def full_window(window: int) -> clipopt.PercentileClip:
@@ -318,6 +323,7 @@ def run_layout(
 ) -> dict[str, Any]:
     """Every inner optimizer and case on one layout."""
     grads = Gradients(LAYOUTS[layout](1 if layout.startswith("D") else scale), device)
+    reps *= REPS_SCALE.get(layout, 1) if scale == 1 else 1
     entry: dict[str, Any] = {"inners": {}}
     for inner_name in INNERS:
         steps = cases(grads, inner_name)

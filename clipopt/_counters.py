@@ -115,8 +115,12 @@ class Counters:
         """
         norm, threshold, coef, clipped, nonfinite, _ = raw
         if skip is None:
-            self._add("clipped_steps", clipped)
-            self._add("nonfinite_steps", nonfinite)
+            if type(clipped) is bool and type(nonfinite) is bool:  # the host's step
+                self._host["clipped_steps"] += clipped
+                self._host["nonfinite_steps"] += nonfinite
+            else:
+                self._add("clipped_steps", clipped)
+                self._add("nonfinite_steps", nonfinite)
             self._publish(step, (norm, threshold, coef, clipped, nonfinite, False))
             return
         kept = torch.logical_not(skip)

@@ -98,14 +98,12 @@ class Layout:
         not noticed (torch's optimizers key their state by the parameter objects, and do
         not support it either).
         """
-        return (
-            groups is self.groups
-            and len(groups) == len(self._lists)
-            and all(
-                g["params"] is lst and len(lst) == n
-                for (lst, n), g in zip(self._lists, groups, strict=True)
-            )
-        )
+        if groups is not self.groups or len(groups) != len(self._lists):
+            return False
+        for (lst, n), group in zip(self._lists, groups, strict=True):  # (every step)
+            if group["params"] is not lst or len(lst) != n:
+                return False
+        return True
 
     def norm_plan(self, exact: bool) -> NormPlan | None:
         """A :class:`NormPlan` for this layout (made on first use), or None if useless."""
@@ -192,7 +190,9 @@ class Gradients:
             TypeError: Sparse gradients the strategy does not support.
             ValueError: A group key the strategy does not read.
         """
-        layout = self.current(groups)
+        layout = self.layout
+        if layout is None or not layout.matches(groups):
+            layout = self.current(groups)
         # (map with C callables: this runs every step, and a comprehension's Python
         # loop over thousands of parameters is what a launch-bound step pays for)
         grads = list(map(_GRAD, layout.params))
@@ -201,7 +201,9 @@ class Gradients:
             missing = tuple(i for i, g in enumerate(grads) if g is None)
             if len(missing) == len(grads):
                 return None
-        selection = layout.select(missing)
+        selection = layout._selection
+        if selection is None or selection.missing != missing:
+            selection = layout.select(missing)
         present = cast(
             list[Tensor], grads if not missing else [grads[i] for i in selection.indices]
         )

@@ -92,13 +92,6 @@ def group_pairs_by_device_and_dtype(
 _FOREACH_DEVICES: dict[str, bool] = {}
 
 
-def _device_foreach(device: torch.device) -> bool:
-    known = _FOREACH_DEVICES.get(device.type)
-    if known is None:
-        known = _FOREACH_DEVICES[device.type] = bool(_device_has_foreach_support(device))
-    return known
-
-
 def use_foreach(tensors: list[Tensor], device: torch.device, foreach: bool | None) -> bool:
     """Whether to use the foreach kernels, as ``torch.nn.utils`` decides it.
 
@@ -110,11 +103,19 @@ def use_foreach(tensors: list[Tensor], device: torch.device, foreach: bool | Non
         RuntimeError: ``foreach=True`` on a device without foreach kernels (torch's
             message).
     """
-    if foreach is None:
-        return _device_foreach(device) and all(
-            t is None or type(t) in _foreach_supported_types for t in tensors
+    supported = _FOREACH_DEVICES.get(device.type)
+    if supported is None:
+        supported = _FOREACH_DEVICES[device.type] = bool(
+            _device_has_foreach_support(device)
         )
-    if foreach and not _device_foreach(device):
+    if foreach is None:
+        if not supported:
+            return False
+        for t in tensors:  # (a loop, not all() of a generator: one frame less)
+            if t is not None and type(t) not in _foreach_supported_types:
+                return False
+        return True
+    if foreach and not supported:
         raise RuntimeError(
             f"foreach=True was passed, but the foreach API does not support "
             f"{device.type} tensors"

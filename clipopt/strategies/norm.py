@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .. import functional as F
 from .._protocol import ClipInputs, ClipResult, ClipStrategy, Measurement, Scale, ScaleEach
 from .._registry import register_strategy
 from .._validation import (
@@ -114,12 +115,16 @@ class NormClip(ClipStrategy):
         self, inputs: ClipInputs, measured: Measurement, skip: Tensor | None = None
     ) -> ClipResult:
         """Scale by ``min(1, max_norm / (norm + 1e-6))``, per scope."""
-        max_norm = threshold_at("max_norm", self.max_norm, inputs.step)
+        max_norm = self.max_norm
+        if callable(max_norm):
+            max_norm = threshold_at("max_norm", max_norm, inputs.step)
         norm = measured.norm
         if self.scope == "global":
-            coef = below(norm, max_norm)
-            factors = () if math.isinf(max_norm) else (Scale(coef),)
-            return ClipResult(max_norm, coef, coef < 1.0, factors)
+            if math.isinf(max_norm):
+                coef = torch.ones_like(norm)
+                return ClipResult(max_norm, coef, coef < 1.0)
+            coef = F.clip_coef(norm, max_norm)
+            return ClipResult(max_norm, coef, coef < 1.0, (Scale(coef),))
         threshold = torch.full_like(norm, max_norm)
         per: PerTensorNorms = measured.parts
         if self.scope == "tensor":
