@@ -308,18 +308,19 @@ def percentile_sorted(ordered: Tensor, count: Tensor, q: float) -> Tensor:
         >>> F.percentile_sorted(ordered, torch.tensor(3), 50.0)
         tensor(1.)
     """
-    k = count.to(ordered.dtype)
-    position = (q / 100.0) * (k - 1).clamp(min=0)
+    last = ordered.numel() - 1
+    top = (count - 1).clamp(min=0)  # the last valid rank
+    position = top.to(ordered.dtype) * (q / 100.0)
     low = position.floor()
     frac = position - low
-    last = ordered.numel() - 1
-    low_index = low.to(torch.int64).clamp(0, last).reshape(1)
-    high_index = (low + 1).clamp(max=(k - 1).clamp(min=0)).to(torch.int64).clamp(0, last)
-    a = ordered.gather(0, low_index).reshape(())
-    b = ordered.gather(0, high_index.reshape(1)).reshape(())
+    rank = low.to(torch.int64)
+    # both neighbours in one gather (each op costs about as much as this whole lookup)
+    ranks = torch.stack((rank, torch.minimum(rank + 1, top))).clamp_(0, last)
+    a, b = ordered.gather(0, ranks).unbind()
+    diff = b - a
     # numpy's lerp: from the nearer end, so that frac 0 and 1 give a and b exactly
-    value = torch.where(frac >= 0.5, b - (b - a) * (1 - frac), a + (b - a) * frac)
-    return torch.where(count > 0, value, torch.full_like(value, math.inf))
+    value = torch.where(frac >= 0.5, b - diff * (1 - frac), a + diff * frac)
+    return torch.where(count > 0, value, math.inf)
 
 
 def unit_norms(tensor: Tensor, norm_type: float = 2.0) -> Tensor:
