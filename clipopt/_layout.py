@@ -196,6 +196,8 @@ class Gradients:
         # (map with C callables: this runs every step, and a comprehension's Python
         # loop over thousands of parameters is what a launch-bound step pays for)
         grads = list(map(_GRAD, layout.params))
+        if not grads:  # groups without parameters
+            return None
         missing: tuple[int, ...] = ()
         if any(map(_IS_NONE, grads)):
             missing = tuple(i for i, g in enumerate(grads) if g is None)

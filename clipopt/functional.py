@@ -138,7 +138,8 @@ def clip_coef(norm: Tensor, threshold: float | Tensor, *, eps: float = NORM_EPS)
         A 0-dim tensor in ``[0, 1]`` (NaN if ``norm`` is NaN).
     """
     shifted = norm + eps
-    if isinstance(threshold, Tensor):
+    if isinstance(threshold, Tensor) or shifted.requires_grad:
+        # (autograd saves reciprocal's output: no in-place op after it)
         return torch.clamp(threshold / shifted, max=1.0)
     # torch's arithmetic (``threshold / x`` is ``x.reciprocal() * threshold``), in place
     # on the new tensor: the same bits as ``clip_grad_norm_``'s coefficient
@@ -309,7 +310,7 @@ def percentile_sorted(ordered: Tensor, count: Tensor, q: float) -> Tensor:
         tensor(1.)
     """
     last = ordered.numel() - 1
-    top = (count - 1).clamp(min=0)  # the last valid rank
+    top = (count.to(torch.int64) - 1).clamp(min=0)  # the last valid rank
     position = top.to(ordered.dtype) * (q / 100.0)
     low = position.floor()
     frac = position - low

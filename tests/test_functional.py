@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -133,6 +134,36 @@ def test_direction_preserved(grads, max_norm):
     after = torch.cat([g.flatten() for g in grads])
     assert 0 < coef <= 1
     torch.testing.assert_close(after, before * coef, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.3, torch.tensor(0.3)])
+def test_clip_coef_is_torchs_and_differentiable(threshold):
+    """torch's coefficient, max_norm / (norm + 1e-6) clamped at 1, bit for bit; and
+    autograd goes through it (the in-place form is only for norms without a graph)."""
+    for value in (0.0, 0.2999999, 0.3, 5.0, 123.456):
+        norm = torch.tensor(value)
+        expected = torch.clamp(threshold / (norm + 1e-6), max=1.0)
+        assert torch.equal(F.clip_coef(norm, threshold), expected)
+    leaf = torch.tensor(5.0, requires_grad=True)
+    coef = F.clip_coef(leaf * 1.0, 1.0)
+    coef.backward()
+    assert leaf.grad is not None
+    assert torch.allclose(leaf.grad, torch.tensor(-1.0 / (5.0 + 1e-6) ** 2))
+
+
+@given(
+    values=st.lists(st.floats(0.0, 1e3), min_size=1, max_size=30),
+    q=st.floats(0.0, 100.0),
+    float_count=st.booleans(),
+)
+def test_percentile_sorted_is_numpys(values, q, float_count):
+    """Linear interpolation as numpy.percentile, the count as an int or float tensor."""
+    n = len(values)
+    ordered = torch.tensor(sorted(values) + [math.inf] * 3, dtype=torch.float64)
+    count = torch.tensor(float(n) if float_count else n)
+    ours = F.percentile_sorted(ordered, count, q)
+    assert ours.item() == pytest.approx(np.percentile(values, q), rel=1e-12, abs=1e-12)
+    assert F.percentile_sorted(ordered, torch.tensor(0), q).item() == math.inf
 
 
 @given(grads=grad_lists())

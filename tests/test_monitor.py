@@ -204,6 +204,14 @@ def test_no_gradient_warning_is_rate_limited():
     assert "10 time(s) so far" in messages[1]
 
 
+def test_an_optimizer_without_parameters_warns_and_steps_nothing():
+    """torch accepts a group without parameters; the step has no gradients."""
+    opt = ClippedOptimizer(torch.optim.SGD([{"params": []}], lr=0.1), "norm")
+    with pytest.warns(UserWarning, match="found no gradients"):
+        opt.step()
+    assert opt.counts()["steps"] == 0
+
+
 def test_grad_report_norms_and_statuses():
     model = _model()
     loss_of(model, batches(1)[0]).backward()
