@@ -20,7 +20,6 @@ the host leaves gradients, parameters and every state untouched.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple, cast
 
@@ -103,7 +102,6 @@ class Clipper:
         self._applier = Applier()
         self._gradients = Gradients(self.strategy, self._group.value, self._applier)
         self._counters = Counters()
-        self._no_grad_steps = 0
         self._fused = fused_kernel(optimizer)
 
     @property
@@ -163,7 +161,7 @@ class Clipper:
             exact=strategy.exact_norms and not fused,
         )
         if inputs is None:
-            self._warn_no_gradients()
+            self._gradients.warn_none()
             return Handover(grad_scale, found_inf)
         scale = None if grad_scale is None else grad_scale.reshape(())
         one_pass = scale is not None and strategy.single_factor
@@ -327,18 +325,6 @@ class Clipper:
         if not unchanged:
             self._applier(inputs, result, norm)
         return None
-
-    def _warn_no_gradients(self) -> None:
-        """Warn at the 1st, 10th, 100th, ... step without gradients (rate-limited)."""
-        self._no_grad_steps += 1
-        count = self._no_grad_steps
-        if math.log10(count).is_integer():
-            warnings.warn(
-                f"step() found no gradients ({count} time(s) so far): call backward() "
-                "before step(), or check that the parameters require gradients",
-                UserWarning,
-                stacklevel=5,
-            )
 
     # -- counts, statistics, state ---------------------------------------------------
 

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
+import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any, cast
 
 import torch
@@ -23,6 +28,12 @@ from ._protocol import ClipInputs, ClipResult, ClipStrategy, inputs_of
 
 __all__ = ["Gradients", "Layout", "Selection"]
 
+#: Where the step's own frames live (the no-gradient warning skips them).
+_INSIDE = (
+    os.path.dirname(os.path.abspath(__file__)),
+    os.path.dirname(os.path.abspath(torch.optim.__file__)),
+    os.path.dirname(os.path.abspath(torch.utils.hooks.__file__)),
+)
 _GRAD = operator.attrgetter("grad")
 _IS_NONE = functools.partial(operator.is_, None)
 
@@ -144,6 +155,7 @@ class Gradients:
         self.process_group = process_group
         self.apply = apply
         self.layout: Layout | None = None
+        self._steps_without = 0
 
     def current(self, groups: list[dict[str, Any]]) -> Layout:
         """The layout of ``groups``, rebuilt (and its group keys checked) on a change."""
@@ -235,6 +247,26 @@ class Gradients:
             fields["plan"] = selection.plan
             selection.fields[exact] = fields
         return inputs_of(fields, present, step)
+
+    def warn_none(self) -> None:
+        """Warn at the 1st, 10th, 100th, ... step without gradients (rate-limited).
+
+        The warning points at the user's line: the first frame outside clipopt and
+        ``torch.optim`` (``attach()`` runs inside the optimizer's own ``step``).
+        """
+        self._steps_without += 1
+        count = self._steps_without
+        if not math.log10(count).is_integer():
+            return
+        level, frame = 1, cast("FrameType | None", sys._getframe(1))
+        while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+            level, frame = level + 1, frame.f_back
+        warnings.warn(
+            f"step() found no gradients ({count} time(s) so far): call backward() "
+            "before step(), or check that the parameters require gradients",
+            UserWarning,
+            stacklevel=level + 1,
+        )
 
     def _sparse_values(
         self, selection: Selection, grads: list[Tensor], sparse: list[int]

@@ -204,6 +204,20 @@ def test_no_gradient_warning_is_rate_limited():
     assert "10 time(s) so far" in messages[1]
 
 
+@pytest.mark.parametrize("front", ["wrapper", "attach"])
+def test_the_no_gradient_warning_points_at_the_callers_line(front):
+    """Not at clipopt's or torch.optim's frames (attach runs inside torch's step)."""
+    sgd = torch.optim.SGD(_model().parameters(), lr=0.1)
+    opt = ClippedOptimizer(sgd) if front == "wrapper" else sgd
+    if front == "attach":
+        clipopt.attach(sgd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    [warning] = [w for w in caught if "found no gradients" in str(w.message)]
+    assert warning.filename == __file__
+
+
 def test_an_optimizer_without_parameters_warns_and_steps_nothing():
     """torch accepts a group without parameters; the step has no gradients."""
     opt = ClippedOptimizer(torch.optim.SGD([{"params": []}], lr=0.1), "norm")
