@@ -29,10 +29,9 @@ from ._protocol import ClipInputs, ClipResult, ClipStrategy, inputs_of
 __all__ = ["Gradients", "Layout", "Selection"]
 
 #: Where the step's own frames live (the no-gradient warning skips them).
-_INSIDE = (
-    os.path.dirname(os.path.abspath(__file__)),
-    os.path.dirname(os.path.abspath(torch.optim.__file__)),
-    os.path.dirname(os.path.abspath(torch.utils.hooks.__file__)),
+_INSIDE = tuple(
+    os.path.dirname(os.path.abspath(module.__file__ or "")) + os.sep
+    for module in (sys.modules[__name__], torch.optim, torch.utils.hooks)
 )
 _GRAD = operator.attrgetter("grad")
 _IS_NONE = functools.partial(operator.is_, None)
