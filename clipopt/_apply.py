@@ -109,10 +109,10 @@ class Applier:
         grads = inputs.grads
         for factor in result.factors:
             if isinstance(factor, Scale):
-                F.scale_(grads, factor.factor)
+                F.scale_(grads, factor.factor, uniform=inputs.uniform)
             elif isinstance(factor, Clamp):
                 if not math.isinf(factor.limit):
-                    F.clamp_(_at(grads, factor.at), factor.limit)
+                    F.clamp_(_at(grads, factor.at), factor.limit, uniform=inputs.uniform)
             elif isinstance(factor, ScaleEach):
                 self._scale_each(inputs, factor, finite)
             else:

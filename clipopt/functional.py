@@ -157,15 +157,33 @@ def _mul_each(
             t.mul_(c)
 
 
-def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = None) -> None:
+def _groups(
+    tensors: Sequence[Tensor], uniform: bool
+) -> list[tuple[torch.device, list[Tensor]]]:
+    """The local tensors per (device, dtype), as torch groups them; one group if uniform."""
+    local = D.locals_of(tensors)
+    if uniform and local:
+        return [(local[0].device, local)]
+    return [(device, group) for device, group, _ in group_by_device_and_dtype(local)]
+
+
+def scale_(
+    tensors: Sequence[Tensor],
+    coef: Tensor,
+    *,
+    foreach: bool | None = None,
+    uniform: bool = False,
+) -> None:
     """Multiply every tensor in place by the 0-dim tensor ``coef``.
 
     Args:
         tensors: Tensors to scale in place.
         coef: 0-dim tensor; copied once to each device.
         foreach: ``None`` picks the foreach kernels where the device supports them.
+        uniform: The caller knows that the tensors share one device and one dtype:
+            skip grouping them.
     """
-    for device, group, _ in group_by_device_and_dtype(D.locals_of(tensors)):
+    for device, group in _groups(tensors, uniform):
         coef_on_device = coef.to(device)
         if use_foreach(group, device, foreach):
             torch._foreach_mul_(group, coef_on_device)
@@ -237,7 +255,11 @@ def finite(tensor: Tensor) -> Tensor:
 
 
 def clamp_(
-    tensors: Sequence[Tensor], clip_value: float, *, foreach: bool | None = None
+    tensors: Sequence[Tensor],
+    clip_value: float,
+    *,
+    foreach: bool | None = None,
+    uniform: bool = False,
 ) -> None:
     """Clamp every entry in place to ``[-clip_value, clip_value]``.
 
@@ -249,8 +271,10 @@ def clamp_(
         tensors: Tensors to clamp in place.
         clip_value: Largest absolute value allowed.
         foreach: ``None`` picks the foreach kernels where the device supports them.
+        uniform: The caller knows that the tensors share one device and one dtype:
+            skip grouping them.
     """
-    for device, group, _ in group_by_device_and_dtype(D.locals_of(tensors)):
+    for device, group in _groups(tensors, uniform):
         if use_foreach(group, device, foreach):
             small = [t for t in group if t.numel() < _ONE_PASS_NUMEL]
             for t in group:

@@ -43,7 +43,10 @@ def test_total_norm_equals_torch(dtype, norm_type, foreach):
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("foreach", [None, False, True])
 @pytest.mark.parametrize("max_norm", [0.3, 1e3])
-def test_norm_clip_pipeline_equals_clip_grad_norm(dtype, norm_type, foreach, max_norm):
+@pytest.mark.parametrize("uniform", [False, True])
+def test_norm_clip_pipeline_equals_clip_grad_norm(
+    dtype, norm_type, foreach, max_norm, uniform
+):
     shapes = _grads(dtype)
     if math.isinf(norm_type):  # torch raises on zero-size tensors
         shapes = [g for g in shapes if g.numel()]
@@ -54,7 +57,7 @@ def test_norm_clip_pipeline_equals_clip_grad_norm(dtype, norm_type, foreach, max
         p.grad, r.grad = g.clone(), g.clone()
     grads = [p.grad for p in params]
     norm = F.total_norm(grads, norm_type, foreach=foreach)
-    F.scale_(grads, F.clip_coef(norm, max_norm), foreach=foreach)
+    F.scale_(grads, F.clip_coef(norm, max_norm), foreach=foreach, uniform=uniform)
     ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type, foreach=foreach)
     assert torch.equal(norm, ref_norm)
     for p, r in zip(params, ref, strict=True):
@@ -62,15 +65,26 @@ def test_norm_clip_pipeline_equals_clip_grad_norm(dtype, norm_type, foreach, max
 
 
 @pytest.mark.parametrize("foreach", [None, False, True])
-def test_clamp_equals_clip_grad_value(foreach):
+@pytest.mark.parametrize("uniform", [False, True])
+def test_clamp_equals_clip_grad_value(foreach, uniform):
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in _grads(torch.float32)]
     ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in _grads(torch.float32)]
     for p, r, g in zip(params, ref, _grads(torch.float32, scale=2.0), strict=True):
         p.grad, r.grad = g.clone(), g.clone()
-    F.clamp_([p.grad for p in params], 0.7, foreach=foreach)
+    F.clamp_([p.grad for p in params], 0.7, foreach=foreach, uniform=uniform)
     torch.nn.utils.clip_grad_value_(ref, 0.7, foreach=foreach)
     for p, r in zip(params, ref, strict=True):
         assert torch.equal(p.grad, r.grad)
+
+
+def test_scale_and_clamp_group_mixed_dtypes_unless_told_uniform():
+    """Without ``uniform`` each (device, dtype) group gets its own coefficient copy."""
+    tensors = [torch.full((3,), 2.0), torch.full((2,), 2.0, dtype=torch.float64)]
+    F.scale_(tensors, torch.tensor(0.5))
+    assert [t.dtype for t in tensors] == [torch.float32, torch.float64]
+    assert all(torch.equal(t, torch.ones_like(t)) for t in tensors)
+    F.clamp_(tensors, 0.25)
+    assert all(torch.equal(t, torch.full_like(t, 0.25)) for t in tensors)
 
 
 def test_inf_norm_of_only_empty_tensors_is_zero():
