@@ -104,6 +104,10 @@ def heartbeat_worker(
     def objective(trial: Any, strategy: Any) -> float:
         if victim:
             trial.report(1.0, 0)
+            # Optuna's heartbeat thread may not have written yet on a loaded machine,
+            # and a trial without any heartbeat is never stale: the survivors would
+            # wait for it until their deadline. Write one before being killed.
+            storage.record_heartbeat(trial._trial_id)
             started.set()
             threading.Event().wait()  # until SIGKILL
         if not started.wait(TIMEOUT):
