@@ -202,9 +202,9 @@ class Clipper:
                 return None
             overflow = False
         result = strategy.clip(inputs, measured, skip if strategy.honours_skip else None)
-        clipped: Flag = result.clipped
+        flag = result.clipped
+        clipped: Flag = flag
         if skip is None:  # known on the host where the norm was
-            flag = result.clipped
             on_host = readable and type(flag) is Tensor and flag.device.type == "cpu"
             clipped = bool(flag) if on_host else _known(flag)
         unchanged = clipped is False and nonfinite is False
@@ -221,9 +221,10 @@ class Clipper:
     def _kernel_decides(self, inputs: ClipInputs) -> bool:
         """Whether a fused kernel skips the step (``found_inf``) instead of the host.
 
-        Only on an accelerator (on the CPU the read is free, and cheaper than the
-        kernel's bookkeeping), for strategies that leave their state alone on a skipped
-        step, and once the optimizer's state survives a skipped kernel step.
+        Asked only for a fused optimizer whose statistic cannot be read for free (an
+        accelerator: on the CPU the read is cheaper than the kernel's bookkeeping); then
+        for strategies that leave their state alone on a skipped step, and once the
+        optimizer's state survives a skipped kernel step.
         """
         return (
             self.nonfinite != "error"

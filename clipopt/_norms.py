@@ -234,7 +234,8 @@ def total_norm(
         raise ValueError("tensors must not be empty")
     if uniform and group is None and plan is None and norm_type != math.inf:
         # the common step: plain tensors of one device and dtype, as clip_grad_norm_
-        # takes them (kept short: a small model's step pays for every call here)
+        # takes them (the ops of _uniform_norms and reduce_norms, inlined: a small
+        # model's step pays for every call here)
         head = tensors[0]
         if type(head) is Tensor and use_foreach([head], head.device, foreach):
             norms = torch.stack(torch._foreach_norm(list(tensors), norm_type))

@@ -2,6 +2,7 @@
 snapshots, one measurement, mistakes reported, sparse gradients clipped."""
 
 import copy
+import dataclasses
 import math
 from unittest import mock
 
@@ -74,6 +75,29 @@ def test_the_step_runs_without_autograd_and_restores_the_grad_mode(enabled):
         with pytest.raises(RuntimeError, match="non-finite"):
             bad.step()
         assert torch.is_grad_enabled() is enabled
+
+
+def test_the_engines_inputs_are_what_the_constructor_makes():
+    """ClipInputs built from kept fields (no __init__) hold every field, as
+    ClipInputs(...) would fill them: a new field must not be missed there."""
+    seen = []
+
+    class Spy(clipopt.NormClip):
+        def measure(self, inputs):
+            seen.append(inputs)
+            return super().measure(inputs)
+
+    model = _model()
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), Spy(1.0))
+    for batch in batches(2):
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        opt.step()
+    names = {f.name for f in dataclasses.fields(clipopt.ClipInputs)}
+    for inputs in seen:
+        assert set(vars(inputs)) == names
+        assert dataclasses.replace(inputs) == inputs  # __init__ and __post_init__ agree
+    assert [i.step for i in seen] == [0, 1]
 
 
 # -- checks without copies, snapshots without deep copies --------------------------------
