@@ -208,3 +208,43 @@ def test_inf_norms_of_large_tensors_equal_torch(poison):
     torch.testing.assert_close(got, torch.tensor(want), rtol=0, atol=0, equal_nan=True)
     total = N.total_norm(tensors, math.inf)
     torch.testing.assert_close(total, got.amax(), rtol=0, atol=0, equal_nan=True)
+
+
+@st.composite
+def uniform_layouts(draw):
+    """Tensors of one dtype: small, empty, 0-dim, non-contiguous, a few above the
+    aminmax size, maybe one entry poisoned; in any order."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    g = torch.Generator().manual_seed(seed)
+    sizes = draw(
+        st.lists(
+            st.sampled_from([(), (0,), (1,), (7,), (5, 3), (40, 3), (70_000,), (300, 300)]),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in sizes]
+    tensors = [t.t() if t.dim() == 2 else t for t in tensors]  # strided views too
+    poison = draw(st.sampled_from([None, math.nan, math.inf, -math.inf, -1e30]))
+    hit = draw(st.integers(0, len(tensors) - 1))
+    if poison is not None and tensors[hit].numel():
+        tensors[hit][(0,) * tensors[hit].dim()] = poison
+    return tensors
+
+
+@given(tensors=uniform_layouts())
+def test_uniform_inf_total_equals_torch(tensors):
+    """The uniform inf-norm total (aminmax of the large, of the small copied together)
+    is torch's total inf-norm bit for bit, NaN and inf included; 0 with no entries."""
+    got = N.total_norm(tensors, math.inf, uniform=True)
+    entries = [t for t in tensors if t.numel()]
+    want = (
+        torch.nn.utils.get_total_norm(entries, math.inf)
+        if entries
+        else torch.zeros((), dtype=tensors[0].dtype)
+    )
+    assert got.dtype == want.dtype
+    assert got.shape == ()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.isnan(), N.total_norm(tensors, math.inf).isnan())

@@ -98,7 +98,8 @@ class ValueClip(ClipStrategy):
             if math.isinf(clip_value):
                 one = torch.ones_like(norm)
                 return ClipResult(clip_value, one, one < 1.0)
-            coef = torch.clamp(clip_value / norm, max=1.0)
+            # clip_value / norm is Tensor.__rdiv__: these ops, without its Python frames
+            coef = norm.reciprocal().mul_(clip_value).clamp_(max=1.0)
             return ClipResult(clip_value, coef, norm > clip_value, (Clamp(clip_value),))
         threshold = torch.full_like(norm, clip_value)
         per: PerTensorNorms = measured.parts
