@@ -32,7 +32,7 @@ class PercentileClip(TensorState):
     and the percentile interpolates linearly, as ``numpy.percentile``. While the history
     fits the window this is the paper's algorithm step for step. Non-finite and zero
     norms are not recorded. The window is also kept sorted, updated by one eviction and
-    one insertion per step (a few min/max passes over the window, no sort).
+    one insertion per step (four passes over the window, no sort).
 
     Args:
         percentile: p in ``[0, 100]``. The paper's recommendation is 10: about 90% of
@@ -110,7 +110,7 @@ class PercentileClip(TensorState):
         """Record the norm, then clip to the percentile of the window.
 
         The ring buffer and the sorted window change by one entry each: the history in
-        place (``state_dict`` hands out copies), the sorted window by min/max passes.
+        place (``state_dict`` hands out copies), the sorted window by two clamps.
         """
         norm = measured.norm
         state = self._state_on(norm)
@@ -119,16 +119,17 @@ class PercentileClip(TensorState):
         if window is None or not window.fits(history):
             window = self._sorted = _SortedWindow(history)
         record = recordable(norm, skip)
-        ordered = window.update(history, count, norm, record)
-        new_ordered = window.values
         new_count = count + record.to(count.dtype)
+        if not self.include_current:  # the window before this step's norm
+            threshold = F.percentile_sorted(
+                window.values, count.clamp(max=self.window), self.percentile
+            )
+        window.update(history, count, norm, record)
         if self.include_current:
-            values, valid = new_ordered, new_count
-        else:
-            values, valid = ordered, count
-        threshold = F.percentile_sorted(
-            values, valid.clamp(max=self.window), self.percentile
-        ).to(norm.dtype)
+            threshold = F.percentile_sorted(
+                window.values, new_count.clamp(max=self.window), self.percentile
+            )
+        threshold = threshold.to(norm.dtype)
         state["count"] = new_count
         coef = F.clip_coef(norm, threshold)
         return ClipResult(threshold, coef, coef < 1.0, (Scale(coef),))
@@ -138,49 +139,55 @@ class _SortedWindow:
     """The ring buffer's values in ascending order (empty slots last, as inf).
 
     Derived from the history by one sort after a load, a reset or a device move, then
-    updated step by step: :meth:`update` removes the evicted value and inserts the new
-    one by min/max passes over the window, no sort and no boolean mask (comparisons
-    and ``where`` over the window cost 2-4x a min/max on the CPU). Removing shifts
-    every entry from the evicted value's rank on to its successor's value; inserting
-    clamps the new value between each entry's predecessor and the entry itself. The
-    buffers are kept, so a step allocates nothing of the window's size (a fresh one
-    costs page faults on the CPU). All of it is tensor code: no host read.
+    updated step by step in place: :meth:`update` removes the evicted value and inserts
+    the new one by two clamps over the window, no sort and no boolean mask (comparisons
+    and ``where`` over the window cost 2-4x a min/max on the CPU). Removing: from the
+    evicted value's rank on, every entry takes its successor's value, as a clamp of
+    -inf/+inf (below/from the rank) between the entry and its successor. Inserting:
+    each entry becomes the new value clamped between the entry's predecessor and the
+    entry itself. Sentinels (-inf before the window, +inf after it) give the first and
+    last entries their neighbours, so each step is four passes over the window (the
+    +-inf marks take two) and a few one-entry ops. The buffers are kept, so a step
+    allocates nothing of the window's size (a fresh one costs page faults on the CPU).
+    All of it is tensor code: no host read.
     """
 
     def __init__(self, history: Tensor) -> None:
         w = history.numel()
-        self.values = torch.sort(history.nan_to_num(nan=math.inf)).values
-        self._spare = torch.empty_like(self.values)  # the next update writes here
-        self._scratch = torch.empty_like(self.values)
+        ordered = torch.sort(history.nan_to_num(nan=math.inf)).values
+        ends = ordered.new_tensor([-math.inf, math.inf])
+        #: -inf, the window, +inf
+        self._buffer = torch.cat((ends[:1], ordered, ends[1:]))
+        #: -inf, then the window with the evicted value removed (scratch)
+        self._removed = torch.cat((ends[:1], torch.empty_like(ordered)))
         # the ranks and their half-steps are exact in float32 below 2**22
         exact = torch.float32 if w < 2**22 else torch.float64
         self._ranks = torch.arange(w, dtype=exact, device=history.device)
 
+    @property
+    def values(self) -> Tensor:
+        """The window, ascending (a view, changed in place by the next update)."""
+        return self._buffer.narrow(0, 1, self._ranks.numel())
+
     def fits(self, history: Tensor) -> bool:
         """Whether this was derived for a history of this device and dtype."""
-        return (self.values.device, self.values.dtype) == (history.device, history.dtype)
+        return (self._buffer.device, self._buffer.dtype) == (history.device, history.dtype)
 
-    def update(
-        self, history: Tensor, count: Tensor, norm: Tensor, record: Tensor
-    ) -> Tensor:
+    def update(self, history: Tensor, count: Tensor, norm: Tensor, record: Tensor) -> None:
         """Write ``norm`` over the ring's oldest entry and sort the window anew.
 
         Where ``record`` is False the evicted value is put back, which changes nothing.
-        Returns the window as it was before, valid until the next update.
         """
-        before, after, removed = self.values, self._spare, self._scratch
         w = history.numel()
+        values, removed = self.values, self._removed.narrow(0, 1, w)
         slot = torch.remainder(count, w).reshape(1)
         old = history.gather(0, slot)
         evicted = old.nan_to_num(nan=math.inf)  # inf while filling
         n = torch.where(record, norm.to(history.dtype).reshape(1), evicted)
-        rank = torch.searchsorted(before, evicted).to(self._ranks.dtype)
+        rank = torch.searchsorted(values, evicted).to(self._ranks.dtype)
         # -inf below the evicted value's rank, +inf from it on (never 0 * inf)
         torch.sub(self._ranks, rank - 0.5, out=removed).mul_(math.inf)
-        head = removed.narrow(0, 0, w - 1)
-        head.clamp_(max=before.narrow(0, 1, w - 1)).clamp_(min=before.narrow(0, 0, w - 1))
-        torch.minimum(removed, n, out=after)  # the last entry of removed stays inf
-        after.narrow(0, 1, w - 1).clamp_(min=head)
+        torch.clamp(removed, min=values, max=self._buffer.narrow(0, 2, w), out=removed)
+        # the window without the evicted value ends with +inf: n takes its place
+        torch.clamp(n, min=self._removed.narrow(0, 0, w), max=removed, out=values)
         history.scatter_(0, slot, torch.where(record, n, old))
-        self.values, self._spare = after, before
-        return before
