@@ -89,10 +89,10 @@ LAYOUTS = {
 }
 #: Torch threads per layout (None: as configured).
 THREADS = {"D 25k/12 (1 thread)": 1}
-#: Repetitions per round, times ``--reps``, for layouts whose steps take well under a
-#: millisecond: one such step's time varies by tens of percent with what ran before it
-#: (caches), and the median of three did not make a ratio stable between runs (0.79 to
-#: 1.06 in six runs of D with three); with sixty it costs about a minute. E's value ratio
+#: Repetitions per round, times ``--reps``, where three did not make a ratio stable
+#: between runs. D's steps take well under a millisecond, and one such step's time varies
+#: by tens of percent with what ran before it (caches): the norm ratio spread from 0.79 to
+#: 1.06 in six runs with three; sixty cost about a minute. E's "value" ratio, a target,
 #: sits within a few percent of 1.00 and spread from 0.99 to 1.07 over four runs with
 #: three; nine cost about a minute more.
 REPS_SCALE = {"D 25k/12 (1 thread)": 20, "E 12M/23": 3}

@@ -79,7 +79,7 @@ def test_percentile_matches_numpy_step_for_step(norms, p, window):
 )
 def test_percentile_sorted_window_is_the_history_sorted(norms, window, float64):
     # ties, empty slots, and norms that are not recorded (0, inf, nan): the window the
-    # percentile reads is kept sorted by min/max passes and must equal a fresh sort
+    # percentile reads is kept sorted by clamps in place and must equal a fresh sort
     dtype = torch.float64 if float64 else torch.float32
     strategy = PercentileClip(window=window)
     _, _, opt = drive(strategy, norms, dtype)

@@ -213,9 +213,11 @@ def test_inf_norms_of_large_tensors_equal_torch(poison):
 @st.composite
 def uniform_layouts(draw):
     """Tensors of one dtype: small, empty, 0-dim, non-contiguous, a few above the
-    aminmax size, maybe one entry poisoned; in any order."""
+    aminmax size, maybe two entries poisoned; in any order."""
     seed = draw(st.integers(0, 2**31 - 1))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    dtype = draw(
+        st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
+    )
     g = torch.Generator().manual_seed(seed)
     sizes = draw(
         st.lists(
@@ -226,10 +228,11 @@ def uniform_layouts(draw):
     )
     tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in sizes]
     tensors = [t.t() if t.dim() == 2 else t for t in tensors]  # strided views too
-    poison = draw(st.sampled_from([None, math.nan, math.inf, -math.inf, -1e30]))
-    hit = draw(st.integers(0, len(tensors) - 1))
-    if poison is not None and tensors[hit].numel():
-        tensors[hit][(0,) * tensors[hit].dim()] = poison
+    for _ in range(draw(st.integers(0, 2))):  # NaN next to inf, in different tensors too
+        poison = draw(st.sampled_from([math.nan, math.inf, -math.inf, -6e4]))
+        t = tensors[draw(st.integers(0, len(tensors) - 1))]
+        if t.numel():
+            t[tuple(draw(st.integers(0, n - 1)) for n in t.shape)] = poison
     return tensors
 
 
@@ -248,3 +251,22 @@ def test_uniform_inf_total_equals_torch(tensors):
     assert got.shape == ()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(got.isnan(), N.total_norm(tensors, math.inf).isnan())
+    # the engine passes its norm plan too: a maximum needs none, and the result is the same
+    planned = N.total_norm(tensors, math.inf, uniform=True, plan=N.NormPlan(tensors))
+    torch.testing.assert_close(planned, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("count", [N._FEW, N._FEW + 1, 300])
+@pytest.mark.parametrize("poison", [None, math.nan, -math.inf])
+def test_inf_total_of_many_tensors_equals_torch(count, poison):
+    """Past ``_FEW`` tensors the inf-norm total takes the plan or foreach path: the same
+    bits as torch either way, with and without the engine's plan."""
+    g = torch.Generator().manual_seed(count)
+    tensors = [torch.randn((40, 48) if i % 2 else (80,), generator=g) for i in range(count)]
+    tensors.append(-3.0 * torch.rand(70_000, generator=g))  # one large tensor
+    if poison is not None:
+        tensors[count // 2][0] = poison
+    want = torch.nn.utils.get_total_norm(tensors, math.inf)
+    for plan in (None, N.NormPlan(tensors)):
+        got = N.total_norm(tensors, math.inf, uniform=True, plan=plan)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
