@@ -155,11 +155,11 @@ class _SortedWindow:
     def __init__(self, history: Tensor) -> None:
         w = history.numel()
         ordered = torch.sort(history.nan_to_num(nan=math.inf)).values
-        ends = ordered.new_tensor([-math.inf, math.inf])
-        #: -inf, the window, +inf
-        self._buffer = torch.cat((ends[:1], ordered, ends[1:]))
+        low, high = ordered.new_full((1,), -math.inf), ordered.new_full((1,), math.inf)
+        #: -inf, the window, +inf (filled on the device: no copy from the host)
+        self._buffer = torch.cat((low, ordered, high))
         #: -inf, then the window with the evicted value removed (scratch)
-        self._removed = torch.cat((ends[:1], torch.empty_like(ordered)))
+        self._removed = torch.cat((low, torch.empty_like(ordered)))
         # the ranks and their half-steps are exact in float32 below 2**22
         exact = torch.float32 if w < 2**22 else torch.float64
         self._ranks = torch.arange(w, dtype=exact, device=history.device)
